@@ -1,0 +1,20 @@
+"""Auxiliary-label strategies: one small :class:`AuxLabelGenerator` subclass per module, each
+registered under a name that ``MetaAuxWrapper(generator="name")`` accepts.
+
+====================  =========================================  ===========================
+name                  class                                      labels
+====================  =========================================  ===========================
+``"maxl"``            :class:`~auxlab.generators.maxl.MAXLGenerator`          meta-learned (default)
+``"random"``          :class:`~auxlab.generators.random_labels.RandomLabels`  fixed, random
+``"kmeans"``          :class:`~auxlab.generators.kmeans.KMeansLabels`         fixed, clusters per class
+``"human"``           :class:`~auxlab.generators.human.HumanLabels`           fixed, the dataset's fine labels
+====================  =========================================  ===========================
+"""
+
+from auxlab.generators.base import GENERATORS, AuxLabelGenerator
+from auxlab.generators.human import HumanLabels
+from auxlab.generators.kmeans import KMeansLabels
+from auxlab.generators.maxl import MAXLGenerator
+from auxlab.generators.random_labels import RandomLabels
+
+__all__ = ["GENERATORS", "AuxLabelGenerator", "HumanLabels", "KMeansLabels", "MAXLGenerator", "RandomLabels"]

@@ -1,0 +1,91 @@
+"""The base class of every auxiliary-label strategy, and the registry of strategy names."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from auxlab.hierarchy import HierarchyMask
+
+__all__ = ["AuxLabelGenerator", "GENERATORS"]
+
+#: Strategy name -> class, filled by ``class MyLabels(AuxLabelGenerator, name="mine")``.
+GENERATORS: dict[str, type[AuxLabelGenerator]] = {}
+
+
+class AuxLabelGenerator(nn.Module):
+    """Base class of auxiliary-label strategies: maps a batch to ``(B, K)`` target probabilities.
+
+    A subclass implements :meth:`forward` and returns, for each sample, a probability vector over
+    the ``K = mask.num_aux_classes`` auxiliary classes that is zero outside the sample's own block
+    (``mask.softmax`` does this for learned scores). If the subclass has trainable parameters,
+    :class:`~auxlab.MetaAuxWrapper` meta-trains them in ``meta_step``; otherwise its labels are fixed.
+
+    What a strategy needs is declared on the class and checked by the wrapper:
+
+    - ``needs_index``: ``forward`` reads the samples' dataset indices (``index``), e.g. for a fixed
+      label per training sample; wrap the dataset in :class:`auxlab.data.IndexedDataset`.
+
+    Giving ``name="..."`` in the class statement registers the class under that name, so that
+    ``MetaAuxWrapper(generator="...")`` can build it through :meth:`from_wrapper`.
+
+    Args:
+        mask: the class-to-sub-class hierarchy.
+    """
+
+    name: ClassVar[str | None] = None
+    needs_index: ClassVar[bool] = False
+    #: Whether the constructor takes ``seed=``; the wrapper then passes its own ``seed`` by default.
+    seeded: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            if name in GENERATORS:
+                raise ValueError(f"a label generator named {name!r} is already registered ({GENERATORS[name].__name__})")
+            cls.name = name
+            GENERATORS[name] = cls
+
+    def __init__(self, mask: HierarchyMask) -> None:
+        super().__init__()
+        if not isinstance(mask, HierarchyMask):
+            raise TypeError(f"mask must be a HierarchyMask, got {type(mask).__name__}")
+        self.mask = mask
+
+    @classmethod
+    def from_wrapper(
+        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, seed: int, **kwargs: Any
+    ) -> AuxLabelGenerator:
+        """Build the strategy for :class:`~auxlab.MetaAuxWrapper` (``generator="name"``).
+
+        ``kwargs`` are the wrapper's ``generator_kwargs``. The default ignores the wrapped ``model``
+        and its head's name, and passes the wrapper's ``seed`` to a ``seeded`` strategy unless
+        ``kwargs`` has its own; a strategy built from the model overrides this.
+        """
+        if cls.seeded:
+            kwargs = {"seed": seed, **kwargs}
+        return cls(mask, **kwargs)
+
+    @property
+    def learns(self) -> bool:
+        """Whether the strategy has trainable parameters for the meta step to update."""
+        return any(p.requires_grad for p in self.parameters())
+
+    def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+        """Auxiliary target probabilities.
+
+        Args:
+            x: ``(B, ...)`` inputs.
+            y: ``(B,)`` primary labels in ``[0, C)``.
+            index: ``(B,)`` dataset indices of the samples, for strategies with ``needs_index``.
+
+        Returns:
+            ``(B, K)`` probabilities, zero outside each sample's block ``mask.block(y)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, y, index=None)")
+
+    def one_hot(self, column: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(B, K)`` one-hot targets from ``(B,)`` auxiliary columns (for strategies with hard labels)."""
+        return nn.functional.one_hot(column, self.mask.num_aux_classes).to(dtype)

@@ -1,0 +1,39 @@
+"""Human auxiliary labels: a dataset's own finer labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from auxlab.generators._tables import FixedLabelTable
+from auxlab.hierarchy import HierarchyMask
+
+
+class HumanLabels(FixedLabelTable, name="human"):
+    """The dataset's own fine labels as auxiliary labels (the "human" baseline of Liu, Davison &
+    Johns, NeurIPS 2019, e.g. CIFAR-100's 100 classes under its 20 superclasses).
+
+    Fine label ``f`` takes column ``mask.fine_label_columns(fine_to_coarse)[f]``, inside the block
+    of its primary class ``fine_to_coarse[f]``. Needs the samples' dataset indices.
+
+    Args:
+        mask: must equal ``HierarchyMask.from_fine_to_coarse(fine_to_coarse)``.
+        fine_labels: ``(N,)`` fine label of every training sample, in ``[0, len(fine_to_coarse))``.
+        fine_to_coarse: primary class of each fine label.
+    """
+
+    def __init__(self, mask: HierarchyMask, *, fine_labels: Tensor | Sequence[int], fine_to_coarse: Sequence[int]) -> None:
+        columns = torch.tensor(mask.fine_label_columns(fine_to_coarse), dtype=torch.long)
+        fine = torch.as_tensor(fine_labels)
+        if fine.dtype.is_floating_point or fine.dtype == torch.bool or fine.dim() != 1 or fine.numel() == 0:
+            raise ValueError(f"fine_labels must be a non-empty 1-D sequence of integer labels, got {fine.dtype} of shape {tuple(fine.shape)}")
+        low, high = int(fine.min()), int(fine.max())
+        if low < 0 or high >= len(columns):
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"fine_labels has label {bad} but fine_to_coarse names {len(columns)} fine labels; "
+                f"fine labels must lie in [0, {len(columns)})"
+            )
+        super().__init__(mask, columns[fine.long()])

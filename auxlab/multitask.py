@@ -1,0 +1,67 @@
+"""The multi-task network f_theta: the user's classifier plus an auxiliary head on its features."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def find_head(model: nn.Module, num_classes: int, head: str | None) -> str:
+    """The name of the ``nn.Linear`` of ``model`` that produces its ``num_classes`` logits.
+
+    With ``head=None`` it is the only ``nn.Linear`` with ``num_classes`` outputs; otherwise the
+    named one. Raises a ValueError that lists the candidates when none or several fit.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    listing = ", ".join(f"{name!r} ({m.in_features}->{m.out_features})" for name, m in linears.items()) or "none"
+    if head is not None:
+        if head not in linears:
+            raise ValueError(f"head={head!r} is not an nn.Linear of the model; its nn.Linear layers are: {listing}")
+        if linears[head].out_features != num_classes:
+            raise ValueError(
+                f"head={head!r} has {linears[head].out_features} outputs but num_classes={num_classes}; "
+                "the head must be the layer that produces the primary logits"
+            )
+        return head
+    fits = [name for name, m in linears.items() if m.out_features == num_classes]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise ValueError(
+            f"the model has no nn.Linear with num_classes={num_classes} outputs to read features from "
+            f"(its nn.Linear layers: {listing}); the model must end in an nn.Linear producing the (B, C) "
+            "logits, or check num_classes"
+        )
+    raise ValueError(f"several nn.Linear layers have {num_classes} outputs: {fits}; pick the primary head with head='name'")
+
+
+class MultiTaskNet(nn.Module):
+    """Runs the user's ``model`` and feeds the input of its head to ``aux_head``.
+
+    The head's input is captured by a forward pre-hook that exists only for the duration of one
+    call, so ``model`` is never changed and stays usable on its own. Works under
+    ``torch.func.functional_call`` and ``higher`` alike.
+    """
+
+    def __init__(self, model: nn.Module, head_name: str, aux_head: nn.Linear | None) -> None:
+        super().__init__()
+        self.model = model
+        self.aux_head = aux_head
+        self.head_name = head_name
+
+    def forward(self, x: Tensor, with_aux: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Returns ``(primary, aux)``: ``(B, C)`` logits and ``(B, K)`` auxiliary logits (or None)."""
+        if self.aux_head is None or not with_aux:
+            return self.model(x), None
+        captured: list[Tensor] = []
+        head = self.model.get_submodule(self.head_name)
+        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            primary = self.model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"the head {self.head_name!r} ran {len(captured)} times in one forward pass; "
+                "auxlab reads its input and needs it to run exactly once"
+            )
+        return primary, self.aux_head(captured[0])

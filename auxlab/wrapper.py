@@ -1,0 +1,409 @@
+"""MetaAuxWrapper: adds MAXL auxiliary learning (or a baseline strategy) to a user's classifier."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from auxlab._seeding import seeded
+from auxlab.engines import get_engine
+from auxlab.generators import GENERATORS, AuxLabelGenerator
+from auxlab.hierarchy import HierarchyMask
+from auxlab.losses import classification_loss, negative_batch_entropy
+from auxlab.multitask import MultiTaskNet, find_head
+
+__all__ = ["MetaAuxWrapper"]
+
+GeneratorOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+SINGLE_TASK = "single"
+_STATE_FORMAT = 1
+
+
+def default_generator_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The original MAXL code's generator optimizer: SGD, lr 1e-3, weight decay 5e-4."""
+    return torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
+
+
+def _check_number(value: object, name: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+    return float(value)
+
+
+class MetaAuxWrapper(nn.Module):
+    """Wraps a classifier to train it with auxiliary labels: MAXL, or a baseline strategy.
+
+    The wrapper adds an auxiliary head of ``K = sum(psi)`` outputs that reads the input of the
+    model's primary head (its final ``nn.Linear``), and a label generator that gives each sample a
+    soft auxiliary target inside its class's block. ``model`` is trained in place: after training it
+    alone is the trained classifier, usable without auxlab.
+
+    Example::
+
+        wrapper = MetaAuxWrapper(model, num_classes=10, psi=5)
+        opt = torch.optim.SGD(wrapper.parameters(), lr=0.01)
+        for x, y in loader:
+            loss = wrapper.loss(x, y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            wrapper.meta_step(x, y)
+        logits = wrapper(x)
+
+    Args:
+        model: any ``nn.Module`` mapping ``x`` to ``(B, C)`` logits through a final ``nn.Linear``.
+        num_classes: C, the number of primary classes.
+        psi: sub-classes per primary class: one int for all classes, or one per class. Default 5
+            (the paper's value). Give ``psi`` or ``mask``, not both.
+        mask: the hierarchy, instead of ``psi``.
+        generator: a strategy name (``"maxl"``, ``"random"``, ``"kmeans"``, ``"human"``, or any
+            registered in :data:`auxlab.generators.GENERATORS`), ``"single"`` for single-task
+            training with no auxiliary head, or an :class:`~auxlab.AuxLabelGenerator` instance.
+        generator_kwargs: keyword arguments for building a strategy given by name, e.g.
+            ``{"num_samples": len(train_set)}`` for ``"random"`` or ``{"dataset": train_set}`` for
+            ``"kmeans"``.
+        generator_optimizer: ``params -> torch.optim.Optimizer`` for the generator's parameters;
+            default SGD(lr=1e-3, weight_decay=5e-4) as in the original MAXL code.
+        head: name of the model's primary ``nn.Linear`` (as in ``model.named_modules()``); found
+            automatically when exactly one ``nn.Linear`` has ``num_classes`` outputs.
+        inner_lr: alpha, the learning rate of the meta step's virtual SGD step (paper: 0.01).
+        aux_weight: weight of the auxiliary loss in the model's loss (paper: 1.0).
+        entropy_weight: weight of the generator's entropy regulariser (paper: 0.2).
+        focal_gamma: 0 for cross entropy on both heads; the paper's focal loss is 2.
+        engine: hypergradient engine, ``"functional"`` (torch.func) or ``"higher"``.
+        seed: seeds the auxiliary head's initialisation and, by default, strategies that draw
+            random numbers; the caller's random state is left unchanged.
+    """
+
+    mask: HierarchyMask
+    aux_head: nn.Linear | None
+    generator: AuxLabelGenerator | None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int,
+        psi: int | Sequence[int] | None = None,
+        mask: HierarchyMask | None = None,
+        generator: str | AuxLabelGenerator = "maxl",
+        generator_kwargs: Mapping[str, Any] | None = None,
+        generator_optimizer: GeneratorOptimizer | None = None,
+        head: str | None = None,
+        inner_lr: float = 0.01,
+        aux_weight: float = 1.0,
+        entropy_weight: float = 0.2,
+        focal_gamma: float = 0.0,
+        engine: str = "functional",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.mask = self._build_mask(psi, mask)
+        self.inner_lr = _check_number(inner_lr, "inner_lr", positive=True)
+        self.aux_weight = _check_number(aux_weight, "aux_weight")
+        self.entropy_weight = _check_number(entropy_weight, "entropy_weight")
+        self.focal_gamma = _check_number(focal_gamma, "focal_gamma")
+        self._engine = get_engine(engine)
+        self.engine = engine
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        self.head_name = find_head(model, self.num_classes, head)
+        linear = model.get_submodule(self.head_name)
+        assert isinstance(linear, nn.Linear)
+
+        self.model = model
+        single = isinstance(generator, str) and generator == SINGLE_TASK
+        if single:
+            if generator_kwargs:
+                raise ValueError("generator_kwargs has no meaning with generator='single'")
+            self.aux_head = None
+            self.generator = None
+        else:
+            built = self._build_generator(generator, generator_kwargs, model, int(seed))
+            with seeded(int(seed), linear.weight.device):
+                self.aux_head = nn.Linear(
+                    linear.in_features, self.mask.num_aux_classes, device=linear.weight.device, dtype=linear.weight.dtype
+                )
+            self.generator = built.to(device=linear.weight.device)
+        # A view sharing model and aux_head, kept outside the module tree so nothing is registered twice.
+        object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
+        learnable = [p for p in self.generator.parameters() if p.requires_grad] if self.generator is not None else []
+        self._generator_optimizer = (generator_optimizer or default_generator_optimizer)(learnable) if learnable else None
+
+    # ----------------------------------------------------------------------------------- building
+    def _build_mask(self, psi: int | Sequence[int] | None, mask: HierarchyMask | None) -> HierarchyMask:
+        if mask is not None:
+            if psi is not None:
+                raise ValueError("give psi or mask, not both")
+            if not isinstance(mask, HierarchyMask):
+                raise TypeError(f"mask must be a HierarchyMask, got {type(mask).__name__}")
+            if mask.num_classes != self.num_classes:
+                raise ValueError(f"mask has {mask.num_classes} classes (psi={list(mask.psi)}) but num_classes={self.num_classes}")
+            return mask
+        if psi is None:
+            psi = 5
+        if isinstance(psi, numbers.Integral) and not isinstance(psi, bool):
+            return HierarchyMask.uniform(self.num_classes, int(psi))
+        built = HierarchyMask(psi)  # type: ignore[arg-type]
+        if built.num_classes != self.num_classes:
+            raise ValueError(
+                f"psi has {built.num_classes} entries but num_classes={self.num_classes}; "
+                "give one sub-class count per class, or a single int for all"
+            )
+        return built
+
+    def _build_generator(
+        self, generator: str | AuxLabelGenerator, kwargs: Mapping[str, Any] | None, model: nn.Module, seed: int
+    ) -> AuxLabelGenerator:
+        if isinstance(generator, AuxLabelGenerator):
+            if kwargs:
+                raise ValueError("generator_kwargs is only for a generator given by name; configure the instance directly")
+            if generator.mask != self.mask:
+                raise ValueError(f"the generator's hierarchy psi={list(generator.mask.psi)} differs from the wrapper's psi={list(self.mask.psi)}")
+            return generator
+        if not isinstance(generator, str):
+            raise TypeError(f"generator must be a strategy name or an AuxLabelGenerator, got {type(generator).__name__}")
+        if generator not in GENERATORS:
+            raise ValueError(f"generator={generator!r} is not known; choose one of {sorted(GENERATORS) + [SINGLE_TASK]} or pass an AuxLabelGenerator")
+        strategy = GENERATORS[generator]
+        try:
+            return strategy.from_wrapper(self.mask, model=model, head_name=self.head_name, seed=seed, **dict(kwargs or {}))
+        except TypeError as error:
+            raise TypeError(f"could not build generator={generator!r} from generator_kwargs={dict(kwargs or {})}: {error}") from error
+
+    # ----------------------------------------------------------------------------------- public API
+    @property
+    def is_single_task(self) -> bool:
+        """True when training without auxiliary head (``generator="single"``)."""
+        return self.generator is None
+
+    @property
+    def generator_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the generator's parameters, stepped by :meth:`meta_step` (None if it learns nothing)."""
+        return self._generator_optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The classifier's own primary logits ``(B, C)``: exactly ``model(x)``."""
+        return self.model(x)
+
+    def aux_targets(self, x: Tensor, y: Tensor, *, index: Tensor | None = None) -> Tensor:
+        """The generator's auxiliary targets for a batch, without gradient: ``(B, K)`` probabilities.
+
+        Uses the generator's current mode (train or eval) and does not update its running statistics.
+        """
+        if self.generator is None:
+            raise ValueError("generator='single' trains without auxiliary labels; there are no targets")
+        y = self._check_batch(x, y, "x", "y")
+        self._check_index_given(index)
+        with torch.no_grad():
+            return self._targets(x, y, index, update_stats=False)
+
+    def loss(self, x: Tensor, y: Tensor, *, index: Tensor | None = None) -> Tensor:
+        """The model step's loss: ``L_pri + aux_weight * L_aux``, batch means.
+
+        ``L_aux`` is the auxiliary head's (focal) cross entropy against the generator's targets,
+        which are detached: ``loss.backward()`` reaches the classifier and the auxiliary head only.
+        In single-task mode it is ``L_pri`` alone.
+
+        Args:
+            x: ``(B, ...)`` inputs, on the model's device.
+            y: ``(B,)`` integer labels in ``[0, C)``.
+            index: ``(B,)`` dataset indices, for strategies with ``needs_index``.
+
+        Returns:
+            A scalar tensor to call ``backward()`` on.
+        """
+        y = self._check_batch(x, y, "x", "y")
+        self._check_index_given(index)
+        if self.generator is None:
+            primary, _ = self._net(x, with_aux=False)
+            self._check_primary(primary, x)
+            return classification_loss(primary, y, focal_gamma=self.focal_gamma)
+        with torch.no_grad():
+            targets = self._targets(x, y, index, update_stats=False)
+        primary, aux = self._net(x)
+        self._check_primary(primary, x)
+        return self._inner_loss(primary, aux, y, targets)
+
+    def meta_step(
+        self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *, index: Tensor | None = None
+    ) -> Tensor | None:
+        """One MAXL meta step: updates the label generator, and nothing else.
+
+        Forms the virtual step ``theta' = theta - inner_lr * grad_theta (L_pri + aux_weight * L_aux)``
+        on ``(x, y)`` over all trainable parameters of the classifier and auxiliary head, keeping the
+        graph, and minimises ``L_pri(f_theta'(x_meta), y_meta) + entropy_weight * sum_k pbar_k log pbar_k``
+        over the generator's parameters with the exact second-order hypergradient, stepping the
+        generator's optimizer. No classifier parameter, BatchNorm running statistic, ``.grad`` or
+        state of the user's optimizer changes.
+
+        For a strategy that learns nothing (``"random"``, ``"kmeans"``, ``"human"``, single task) it
+        checks its input and returns None: a no-op.
+
+        Args:
+            x, y: the batch of the virtual step, as in :meth:`loss`.
+            x_meta, y_meta: the batch of the meta loss; default ``(x, y)`` (the paper's choice).
+            index: ``(B,)`` dataset indices of ``x``, for strategies with ``needs_index``.
+
+        Returns:
+            The meta objective's value (detached), or None for a no-op.
+        """
+        y = self._check_batch(x, y, "x", "y")
+        self._check_index_given(index)
+        if (x_meta is None) != (y_meta is None):
+            raise ValueError("give both x_meta and y_meta, or neither (then the meta loss uses x, y)")
+        if x_meta is None or y_meta is None:
+            x_meta, y_meta = x, y
+        else:
+            y_meta = self._check_batch(x_meta, y_meta, "x_meta", "y_meta")
+        if self.generator is None or self._generator_optimizer is None:
+            return None
+        targets = self._targets(x, y, index, update_stats=True)
+        meta_primary = self._engine(
+            self._net,
+            x,
+            x_meta,
+            inner_loss=lambda primary, aux: self._inner_loss(primary, aux, y, targets),
+            outer_loss=lambda primary: classification_loss(primary, y_meta, focal_gamma=self.focal_gamma),
+            inner_lr=self.inner_lr,
+        )
+        objective = meta_primary + self.entropy_weight * negative_batch_entropy(targets)
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        self._generator_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self._generator_optimizer.step()
+        return objective.detach()
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of the classifier and the auxiliary head: what the user's optimizer steps.
+
+        The generator's parameters are excluded (they are ``wrapper.generator.parameters()``,
+        stepped by :meth:`meta_step`); ``state_dict()`` still holds all of them.
+        """
+        skip = f"{prefix}.generator." if prefix else "generator."
+        for name, p in super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate):
+            if not name.startswith(skip):
+                yield name, p
+
+    # ----------------------------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        """The hierarchy and the generator optimizer's state, saved under ``_extra_state``."""
+        optimizer = self._generator_optimizer
+        return {
+            "format": _STATE_FORMAT,
+            "psi": list(self.mask.psi),
+            "single_task": self.is_single_task,
+            "generator_optimizer": optimizer.state_dict() if optimizer is not None else None,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        self._check_extra_state(state)
+        if self._generator_optimizer is not None and state["generator_optimizer"] is not None:
+            self._generator_optimizer.load_state_dict(state["generator_optimizer"])
+
+    def _check_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError("the checkpoint was not written by MetaAuxWrapper.state_dict() of this auxlab version")
+        if state["psi"] != list(self.mask.psi):
+            raise ValueError(f"the checkpoint was made for psi={state['psi']} but this wrapper has psi={list(self.mask.psi)}")
+        if state["single_task"] != self.is_single_task:
+            made = "single-task" if state["single_task"] else "auxiliary"
+            raise ValueError(f"the checkpoint was made for {made} training but this wrapper is {'single-task' if self.is_single_task else 'auxiliary'}")
+        if (state["generator_optimizer"] is None) != (self._generator_optimizer is None):
+            raise ValueError("the checkpoint's generator learns and this one does not (or the reverse): different strategies")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Restore classifier, auxiliary head, generator and generator optimizer from :meth:`state_dict`.
+
+        The whole checkpoint is checked first (hierarchy, strategy, every key and shape), so a
+        checkpoint made for another hierarchy or model raises a ValueError and changes nothing.
+        """
+        own = self.state_dict()
+        if "_extra_state" not in state_dict:
+            raise ValueError("state_dict has no '_extra_state' entry: it was not written by MetaAuxWrapper.state_dict()")
+        self._check_extra_state(state_dict["_extra_state"])
+        if strict:
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            if missing or unexpected:
+                raise ValueError(f"state_dict does not fit this wrapper: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        wrong = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if isinstance(v, Tensor) and k in own and isinstance(own[k], Tensor) and v.shape != own[k].shape
+        ]
+        if wrong:
+            raise ValueError(f"state_dict does not fit this wrapper's shapes: {wrong[:5]}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ----------------------------------------------------------------------------------- internals
+    def _inner_loss(self, primary: Tensor, aux: Tensor | None, y: Tensor, targets: Tensor) -> Tensor:
+        """``L_pri + aux_weight * L_aux``: the model step's loss and the virtual step's."""
+        assert aux is not None
+        if aux.shape != targets.shape:
+            raise ValueError(f"the auxiliary head gave shape {tuple(aux.shape)} but the targets have {tuple(targets.shape)}; the head's input must be (B, features)")
+        primary_loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
+        return primary_loss + self.aux_weight * classification_loss(aux, targets, focal_gamma=self.focal_gamma)
+
+    def _targets(self, x: Tensor, y: Tensor, index: Tensor | None, *, update_stats: bool) -> Tensor:
+        assert self.generator is not None
+        if update_stats or not any(True for _ in self.generator.buffers()) or not self.generator.learns:
+            targets = self.generator(x, y, index)
+        else:  # run on copies of the buffers so that its BatchNorm statistics move once per batch only
+            buffers = {name: b.clone() for name, b in self.generator.named_buffers()}
+            targets = torch.func.functional_call(self.generator, buffers, (x, y, index))
+        expected = (y.shape[0], self.mask.num_aux_classes)
+        if targets.shape != expected:
+            raise ValueError(f"the generator returned targets of shape {tuple(targets.shape)}; expected {expected} (B, K=sum(psi))")
+        return targets
+
+    def _check_batch(self, x: Tensor, y: Tensor, x_name: str, y_name: str) -> Tensor:
+        """Validate a batch before anything runs; returns ``y`` as int64."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{x_name} must be a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{y_name} must be a torch.Tensor of class labels, got {type(y).__name__}")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise TypeError(f"{y_name} must be an integer tensor of class labels (e.g. torch.long), got {y.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"{y_name} must have shape (B,), got {tuple(y.shape)}")
+        if x.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x_name} has batch size {x.shape[0] if x.dim() else 'none (0-d)'} but {y_name} has {y.shape[0]}; they must match")
+        if y.shape[0] == 0:
+            raise ValueError(f"{y_name} is an empty batch; give at least one sample")
+        device = self.model.get_submodule(self.head_name).weight.device
+        for name, tensor in ((x_name, x), (y_name, y)):
+            if tensor.device != device:
+                raise ValueError(f"{name} is on {tensor.device} but the model is on {device}; move the batch with .to({str(device)!r})")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= self.num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{y_name} has label {bad} but num_classes={self.num_classes}; labels must lie in [0, {self.num_classes})")
+        return y.long()
+
+    def _check_index_given(self, index: Tensor | None) -> None:
+        if self.generator is not None and self.generator.needs_index and index is None:
+            raise ValueError(
+                f"the {type(self.generator).__name__} strategy gives a fixed label per training sample and needs index=: "
+                "pass the samples' dataset indices (wrap your dataset in auxlab.data.IndexedDataset)"
+            )
+
+    def _check_primary(self, primary: Tensor, x: Tensor) -> None:
+        expected = (x.shape[0], self.num_classes)
+        if primary.shape != expected:
+            raise ValueError(f"the model returned shape {tuple(primary.shape)} but (B, num_classes) = {expected} was expected")

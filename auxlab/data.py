@@ -27,7 +27,7 @@ class IndexedDataset(Dataset[tuple[Any, ...]]):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]

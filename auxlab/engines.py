@@ -9,7 +9,7 @@ buffer (BatchNorm running statistics) or ``.grad`` of the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ OuterLoss = Callable[[Tensor], Tensor]
 Engine = Callable[..., Tensor]
 
 
-def virtual_step(params: dict[str, Tensor], grads: Sequence[Tensor | None], inner_lr: float) -> dict[str, Tensor]:
+def virtual_step(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], inner_lr: float) -> dict[str, Tensor]:
     """``theta' = theta - inner_lr * grad``; a parameter without gradient stays as it is."""
     return {name: p if g is None else p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
 
@@ -33,7 +33,7 @@ def functional_engine(
     net: MultiTaskNet, x: Tensor, x_meta: Tensor, *, inner_loss: InnerLoss, outer_loss: OuterLoss, inner_lr: float
 ) -> Tensor:
     """Exact second order on ``torch.func.functional_call`` and ``autograd.grad(create_graph=True)``."""
-    params = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {name: p for name, p in net.named_parameters() if p.requires_grad}
     buffers = {name: b.clone() for name, b in net.named_buffers()}  # the running statistics stay untouched
     primary, aux = functional_call(net, (params, buffers), (x,))
     grads = torch.autograd.grad(inner_loss(primary, aux), list(params.values()), create_graph=True, allow_unused=True)
@@ -45,7 +45,7 @@ def higher_engine(
     net: MultiTaskNet, x: Tensor, x_meta: Tensor, *, inner_loss: InnerLoss, outer_loss: OuterLoss, inner_lr: float
 ) -> Tensor:
     """Exact second order on the ``higher`` library's differentiable SGD (``innerloop_ctx``)."""
-    import higher
+    import higher  # type: ignore[import-untyped]
 
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=inner_lr)

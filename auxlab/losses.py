@@ -23,15 +23,29 @@ def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 
     Returns:
         A scalar tensor: the mean over the batch.
     """
+    if focal_gamma < 0:
+        raise ValueError(f"focal_gamma must be >= 0 (0 is plain cross entropy), got {focal_gamma}")
+    expected = logits.shape[:1] if not target.is_floating_point() else logits.shape
+    if logits.dim() != 2 or target.shape != expected:
+        kind = "integer labels of shape (B,)" if not target.is_floating_point() else "probabilities of shape (B, K)"
+        raise ValueError(
+            f"target must be {kind} for logits of shape (B, K); got logits {tuple(logits.shape)} and "
+            f"{target.dtype} target {tuple(target.shape)}"
+        )
     log_p = torch.log_softmax(logits, dim=1)
     if not target.is_floating_point():
         log_p = log_p.gather(1, target[:, None]).squeeze(1)
         if focal_gamma:
-            log_p = (1.0 - log_p.exp()).pow(focal_gamma) * log_p
+            log_p = _focal_factor(log_p, focal_gamma) * log_p
         return -log_p.mean()
     if focal_gamma:
-        log_p = (1.0 - log_p.exp()).pow(focal_gamma) * log_p
+        log_p = _focal_factor(log_p, focal_gamma) * log_p
     return -(target * log_p).sum(dim=1).mean()
+
+
+def _focal_factor(log_p: Tensor, gamma: float) -> Tensor:
+    """``(1 - p)^gamma``, with a zero (not NaN) gradient where ``p == 1`` exactly and ``gamma < 1``."""
+    return (1.0 - log_p.exp()).clamp_min(torch.finfo(log_p.dtype).tiny).pow(gamma)
 
 
 def negative_batch_entropy(probs: Tensor) -> Tensor:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 
 def find_head(model: nn.Module, num_classes: int, head: str | None) -> str:
     """The name of the ``nn.Linear`` of ``model`` that produces its ``num_classes`` logits.
 
-    With ``head=None`` it is the only ``nn.Linear`` with ``num_classes`` outputs; otherwise the
-    named one. Raises a ValueError that lists the candidates when none or several fit.
+    With ``head=None`` it is the model's final ``nn.Linear`` (the last in ``named_modules()``
+    order) when that has ``num_classes`` outputs, else the only ``nn.Linear`` that has; otherwise
+    the named one. Raises a ValueError that lists the candidates when none or several fit.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears: dict[str, nn.Linear] = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     listing = ", ".join(f"{name!r} ({m.in_features}->{m.out_features})" for name, m in linears.items()) or "none"
     if head is not None:
         if head not in linears:
@@ -22,6 +25,8 @@ def find_head(model: nn.Module, num_classes: int, head: str | None) -> str:
                 "the head must be the layer that produces the primary logits"
             )
         return head
+    if linears and list(linears.values())[-1].out_features == num_classes:
+        return list(linears)[-1]
     fits = [name for name, m in linears.items() if m.out_features == num_classes]
     if len(fits) == 1:
         return fits[0]
@@ -31,7 +36,8 @@ def find_head(model: nn.Module, num_classes: int, head: str | None) -> str:
             f"(its nn.Linear layers: {listing}); the model must end in an nn.Linear producing the (B, C) "
             "logits, or check num_classes"
         )
-    raise ValueError(f"several nn.Linear layers have {num_classes} outputs: {fits}; pick the primary head with head='name'")
+    raise ValueError(f"the final nn.Linear {list(linears)[-1]!r} does not have num_classes={num_classes} outputs and several others do: "
+        f"{fits}; pick the primary head with head='name'")
 
 
 class MultiTaskNet(nn.Module):
@@ -51,12 +57,12 @@ class MultiTaskNet(nn.Module):
     def forward(self, x: Tensor, with_aux: bool = True) -> tuple[Tensor, Tensor | None]:
         """Returns ``(primary, aux)``: ``(B, C)`` logits and ``(B, K)`` auxiliary logits (or None)."""
         if self.aux_head is None or not with_aux:
-            return self.model(x), None
+            return cast(Tensor, self.model(x)), None
         captured: list[Tensor] = []
         head = self.model.get_submodule(self.head_name)
         handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
         try:
-            primary = self.model(x)
+            primary = cast(Tensor, self.model(x))
         finally:
             handle.remove()
         if len(captured) != 1:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from auxlab._seeding import seeded
-from auxlab.engines import get_engine
+from auxlab.engines import Engine, get_engine
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.losses import classification_loss, negative_batch_entropy
@@ -70,8 +70,9 @@ class MetaAuxWrapper(nn.Module):
             ``"kmeans"``.
         generator_optimizer: ``params -> torch.optim.Optimizer`` for the generator's parameters;
             default SGD(lr=1e-3, weight_decay=5e-4) as in the original MAXL code.
-        head: name of the model's primary ``nn.Linear`` (as in ``model.named_modules()``); found
-            automatically when exactly one ``nn.Linear`` has ``num_classes`` outputs.
+        head: name of the model's primary ``nn.Linear`` (as in ``model.named_modules()``). By
+            default the model's final ``nn.Linear`` if it has ``num_classes`` outputs, else the
+            only ``nn.Linear`` that has.
         inner_lr: alpha, the learning rate of the meta step's virtual SGD step (paper: 0.01).
         aux_weight: weight of the auxiliary loss in the model's loss (paper: 1.0).
         entropy_weight: weight of the generator's entropy regulariser (paper: 0.2).
@@ -81,9 +82,20 @@ class MetaAuxWrapper(nn.Module):
             random numbers; the caller's random state is left unchanged.
     """
 
+    model: nn.Module
     mask: HierarchyMask
     aux_head: nn.Linear | None
     generator: AuxLabelGenerator | None
+    num_classes: int
+    head_name: str
+    engine: str
+    inner_lr: float
+    aux_weight: float
+    entropy_weight: float
+    focal_gamma: float
+    _net: MultiTaskNet
+    _engine: Engine
+    _generator_optimizer: torch.optim.Optimizer | None
 
     def __init__(
         self,
@@ -178,7 +190,7 @@ class MetaAuxWrapper(nn.Module):
             raise ValueError(f"generator={generator!r} is not known; choose one of {sorted(GENERATORS) + [SINGLE_TASK]} or pass an AuxLabelGenerator")
         strategy = GENERATORS[generator]
         try:
-            return strategy.from_wrapper(self.mask, model=model, head_name=self.head_name, seed=seed, **dict(kwargs or {}))
+            return strategy.from_wrapper(self.mask, model=model, head_name=self.head_name, default_seed=seed, **dict(kwargs or {}))
         except TypeError as error:
             raise TypeError(f"could not build generator={generator!r} from generator_kwargs={dict(kwargs or {})}: {error}") from error
 
@@ -195,7 +207,7 @@ class MetaAuxWrapper(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The classifier's own primary logits ``(B, C)``: exactly ``model(x)``."""
-        return self.model(x)
+        return cast(Tensor, self.model(x))
 
     def aux_targets(self, x: Tensor, y: Tensor, *, index: Tensor | None = None) -> Tensor:
         """The generator's auxiliary targets for a batch, without gradient: ``(B, K)`` probabilities.
@@ -230,10 +242,10 @@ class MetaAuxWrapper(nn.Module):
             primary, _ = self._net(x, with_aux=False)
             self._check_primary(primary, x)
             return classification_loss(primary, y, focal_gamma=self.focal_gamma)
-        with torch.no_grad():
-            targets = self._targets(x, y, index, update_stats=False)
         primary, aux = self._net(x)
         self._check_primary(primary, x)
+        with torch.no_grad():
+            targets = self._targets(x, y, index, update_stats=False)
         return self._inner_loss(primary, aux, y, targets)
 
     def meta_step(
@@ -281,10 +293,11 @@ class MetaAuxWrapper(nn.Module):
         objective = meta_primary + self.entropy_weight * negative_batch_entropy(targets)
         params = [p for p in self.generator.parameters() if p.requires_grad]
         grads = torch.autograd.grad(objective, params, allow_unused=True)
-        self._generator_optimizer.zero_grad(set_to_none=True)
+        optimizer = self._generator_optimizer
+        optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g
-        self._generator_optimizer.step()
+        optimizer.step()
         return objective.detach()
 
     def named_parameters(
@@ -363,7 +376,7 @@ class MetaAuxWrapper(nn.Module):
     def _targets(self, x: Tensor, y: Tensor, index: Tensor | None, *, update_stats: bool) -> Tensor:
         assert self.generator is not None
         if update_stats or not any(True for _ in self.generator.buffers()) or not self.generator.learns:
-            targets = self.generator(x, y, index)
+            targets: Tensor = self.generator(x, y, index)
         else:  # run on copies of the buffers so that its BatchNorm statistics move once per batch only
             buffers = {name: b.clone() for name, b in self.generator.named_buffers()}
             targets = torch.func.functional_call(self.generator, buffers, (x, y, index))

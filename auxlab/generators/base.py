@@ -9,10 +9,17 @@ from torch import Tensor, nn
 
 from auxlab.hierarchy import HierarchyMask
 
-__all__ = ["AuxLabelGenerator", "GENERATORS"]
+__all__ = ["GENERATORS", "AuxLabelGenerator"]
 
 #: Strategy name -> class, filled by ``class MyLabels(AuxLabelGenerator, name="mine")``.
 GENERATORS: dict[str, type[AuxLabelGenerator]] = {}
+
+
+def check_mask(mask: object) -> HierarchyMask:
+    """``mask`` itself if it is a :class:`HierarchyMask`; a TypeError naming what was given otherwise."""
+    if not isinstance(mask, HierarchyMask):
+        raise TypeError(f"mask must be a HierarchyMask, got {type(mask).__name__}; build one with HierarchyMask(psi)")
+    return mask
 
 
 class AuxLabelGenerator(nn.Module):
@@ -50,22 +57,20 @@ class AuxLabelGenerator(nn.Module):
 
     def __init__(self, mask: HierarchyMask) -> None:
         super().__init__()
-        if not isinstance(mask, HierarchyMask):
-            raise TypeError(f"mask must be a HierarchyMask, got {type(mask).__name__}")
-        self.mask = mask
+        self.mask = check_mask(mask)
 
     @classmethod
     def from_wrapper(
-        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, seed: int, **kwargs: Any
+        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, default_seed: int, **kwargs: Any
     ) -> AuxLabelGenerator:
         """Build the strategy for :class:`~auxlab.MetaAuxWrapper` (``generator="name"``).
 
         ``kwargs`` are the wrapper's ``generator_kwargs``. The default ignores the wrapped ``model``
-        and its head's name, and passes the wrapper's ``seed`` to a ``seeded`` strategy unless
-        ``kwargs`` has its own; a strategy built from the model overrides this.
+        and its head's name, and passes the wrapper's seed (``default_seed``) to a ``seeded`` strategy
+        unless ``kwargs`` has its own ``seed``; a strategy built from the model overrides this.
         """
         if cls.seeded:
-            kwargs = {"seed": seed, **kwargs}
+            kwargs = {"seed": default_seed, **kwargs}
         return cls(mask, **kwargs)
 
     @property

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from auxlab.generators._tables import FixedLabelTable
+from auxlab.generators.base import check_mask
 from auxlab.hierarchy import HierarchyMask
 
 
@@ -25,7 +26,7 @@ class HumanLabels(FixedLabelTable, name="human"):
     """
 
     def __init__(self, mask: HierarchyMask, *, fine_labels: Tensor | Sequence[int], fine_to_coarse: Sequence[int]) -> None:
-        columns = torch.tensor(mask.fine_label_columns(fine_to_coarse), dtype=torch.long)
+        columns = torch.tensor(check_mask(mask).fine_label_columns(fine_to_coarse), dtype=torch.long)
         fine = torch.as_tensor(fine_labels)
         if fine.dtype.is_floating_point or fine.dtype == torch.bool or fine.dim() != 1 or fine.numel() == 0:
             raise ValueError(f"fine_labels must be a non-empty 1-D sequence of integer labels, got {fine.dtype} of shape {tuple(fine.shape)}")

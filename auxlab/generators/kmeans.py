@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from auxlab.generators._tables import FixedLabelTable
+from auxlab.generators.base import check_mask
 from auxlab.hierarchy import HierarchyMask
 
 
@@ -43,6 +45,7 @@ class KMeansLabels(FixedLabelTable, name="kmeans"):
         max_iter: int = 100,
         batch_size: int = 256,
     ) -> None:
+        check_mask(mask)
         points, labels = _features_and_labels(dataset, features, batch_size)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= mask.num_classes):
             bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
@@ -79,6 +82,8 @@ def kmeans(points: Tensor, k: int, *, generator: torch.Generator, max_iter: int 
     changing or ``max_iter`` is reached. An emptied cluster keeps its previous centre.
     """
     n = points.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, {n}] for {n} points, got {k!r}")
     first = int(torch.randint(n, (1,), generator=generator))
     centres = [points[first]]
     closest = (points - centres[0]).pow(2).sum(1)

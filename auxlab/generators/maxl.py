@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from auxlab._seeding import seeded
-from auxlab.generators.base import AuxLabelGenerator
+from auxlab.generators.base import AuxLabelGenerator, check_mask
 from auxlab.hierarchy import HierarchyMask
 
 
@@ -41,30 +41,33 @@ class MAXLGenerator(AuxLabelGenerator, name="maxl"):
         replaced by ``Linear(d, d) -> ReLU -> Linear(d, K)`` with ``d`` its input width. ``model``
         itself is not changed.
         """
+        check_mask(mask)
         network = copy.deepcopy(model)
         head = network.get_submodule(head_name)
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head {head_name!r} must be an nn.Linear, got {type(head).__name__}")
-        width, factory = head.in_features, {"device": head.weight.device, "dtype": head.weight.dtype}
+        width, device, dtype = head.in_features, head.weight.device, head.weight.dtype
         with seeded(seed, head.weight.device):
             for module in network.modules():
                 reset = getattr(module, "reset_parameters", None)
                 if callable(reset):
                     reset()
             mlp = nn.Sequential(
-                nn.Linear(width, width, **factory), nn.ReLU(), nn.Linear(width, mask.num_aux_classes, **factory)
+                nn.Linear(width, width, device=device, dtype=dtype),
+                nn.ReLU(),
+                nn.Linear(width, mask.num_aux_classes, device=device, dtype=dtype),
             )
         network.set_submodule(head_name, mlp)
         return cls(mask, network=network)
 
     @classmethod
     def from_wrapper(
-        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, seed: int, **kwargs: Any
+        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, default_seed: int, **kwargs: Any
     ) -> MAXLGenerator:
         """``generator_kwargs`` may give ``network=``; otherwise the paper's copy of ``model``."""
         if "network" in kwargs:
             return cls(mask, **kwargs)
-        return cls.from_model(mask, model, head_name=head_name, **{"seed": seed, **kwargs})
+        return cls.from_model(mask, model, head_name=head_name, **{"seed": default_seed, **kwargs})
 
     def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
         scores = self.network(x)

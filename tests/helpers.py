@@ -1,0 +1,71 @@
+"""Toy models and data shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TinyMLP(nn.Module):
+    """Linear -> tanh -> Linear: no BatchNorm. Smooth, so finite differences are accurate."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 5, num_classes: int = 3) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.hidden(x.flatten(1))))
+
+
+class TinyBNNet(nn.Module):
+    """Linear -> BatchNorm1d -> tanh -> Linear: BatchNorm with running statistics."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 5, num_classes: int = 3) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.bn(self.hidden(x.flatten(1)))))
+
+
+class TinyCNN(nn.Module):
+    """Conv -> BatchNorm2d -> ReLU -> pool -> Linear, for image-shaped inputs (B, 1, 8, 8)."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
+        self.classifier = nn.Linear(channels * 4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def batch(num_samples: int = 8, in_features: int = 6, num_classes: int = 3, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """A random batch ``(x, y)`` in which every class appears at least once when possible."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, in_features, generator=g, dtype=dtype)
+    y = torch.arange(num_samples) % num_classes
+    return x, y[torch.randperm(num_samples, generator=g)]
+
+
+def image_batch(num_samples: int = 8, num_classes: int = 10, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A random image batch ``(B, 1, 8, 8)`` with labels."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_samples, 1, 8, 8, generator=g), torch.randint(0, num_classes, (num_samples,), generator=g)
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of every parameter and buffer, to check that nothing changed."""
+    return {name: t.detach().clone() for name, t in module.state_dict().items() if isinstance(t, Tensor)}
+
+
+def assert_unchanged(module: nn.Module, before: dict[str, Tensor]) -> None:
+    after = snapshot(module)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), f"{name} changed"

@@ -1,0 +1,259 @@
+"""The meta step's hypergradient: both engines against a hand-written reference, in float64.
+
+The reference writes the toy networks, the block softmax, the losses and the entropy term out by
+hand (no auxlab code, no functional_call, no second-order autograd) and differentiates the meta
+objective with respect to the generator's parameters by central finite differences.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from helpers import TinyBNNet, TinyMLP, assert_unchanged, batch, snapshot
+from torch import Tensor, nn
+
+from auxlab import HierarchyMask, MetaAuxWrapper
+from auxlab.engines import ENGINES, functional_engine, get_engine, virtual_step
+from auxlab.generators import MAXLGenerator
+from auxlab.losses import classification_loss, negative_batch_entropy
+
+PSI = [1, 2, 3]
+NUM_CLASSES = len(PSI)
+INNER_LR = 0.5  # large, so that the second-order term is far above the tolerance
+TOLERANCE = 1e-6
+
+
+# ------------------------------------------------------------------------------ the reference
+def hand_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """Primary logits and head features of TinyMLP / TinyBNNet, written out by hand."""
+    z = x @ params["model.hidden.weight"].T + params["model.hidden.bias"]
+    if isinstance(model, TinyBNNet):
+        eps = model.bn.eps
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps) * params["model.bn.weight"] + params["model.bn.bias"]
+    h = torch.tanh(z)
+    return h @ params["model.fc.weight"].T + params["model.fc.bias"], h
+
+
+def hand_cross_entropy(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
+    log_p = logits - logits.logsumexp(1, keepdim=True)
+    return -(target * (1 - log_p.exp()) ** gamma * log_p).sum(1).mean()
+
+
+def hand_block_softmax(scores: Tensor, y: Tensor, psi: list[int]) -> Tensor:
+    starts = [sum(psi[:c]) for c in range(len(psi))]
+    rows = []
+    for b in range(scores.shape[0]):
+        c = int(y[b])
+        block = scores[b, starts[c] : starts[c] + psi[c]]
+        row = torch.zeros(sum(psi), dtype=scores.dtype)
+        row[starts[c] : starts[c] + psi[c]] = torch.exp(block - block.max()) / torch.exp(block - block.max()).sum()
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def reference_objective(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor) -> Tensor:
+    """The meta objective as a plain function of the generator's current parameters."""
+    gamma, model = wrapper.focal_gamma, wrapper.model
+    with torch.no_grad():
+        targets = hand_block_softmax(wrapper.generator.network(x), y, PSI)
+    theta = {name: p.detach().clone().requires_grad_() for name, p in wrapper.named_parameters()}
+    logits, h = hand_forward(model, theta, x)
+    aux = h @ theta["aux_head.weight"].T + theta["aux_head.bias"]
+    one_hot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
+    inner = hand_cross_entropy(logits, one_hot, gamma) + wrapper.aux_weight * hand_cross_entropy(aux, targets, gamma)
+    grads = torch.autograd.grad(inner, list(theta.values()))
+    moved = {name: p.detach() - wrapper.inner_lr * g for (name, p), g in zip(theta.items(), grads)}
+    meta_logits, _ = hand_forward(model, moved, x_meta)
+    p_bar = targets.mean(0)
+    p_bar = p_bar[p_bar > 0]
+    one_hot_meta = nn.functional.one_hot(y_meta, NUM_CLASSES).to(x.dtype)
+    return hand_cross_entropy(meta_logits, one_hot_meta, gamma) + wrapper.entropy_weight * (p_bar * p_bar.log()).sum()
+
+
+def reference_hypergradient(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, eps: float = 1e-6) -> list[Tensor]:
+    """Central finite differences of :func:`reference_objective` over every generator parameter."""
+    grads = []
+    for p in wrapper.generator.parameters():
+        grad = torch.zeros_like(p)
+        flat, flat_grad = p.data.view(-1), grad.view(-1)
+        for i in range(flat.numel()):
+            original = flat[i].item()
+            flat[i] = original + eps
+            plus = reference_objective(wrapper, x, y, x_meta, y_meta)
+            flat[i] = original - eps
+            minus = reference_objective(wrapper, x, y, x_meta, y_meta)
+            flat[i] = original
+            flat_grad[i] = (plus - minus).detach() / (2 * eps)
+        grads.append(grad)
+    return grads
+
+
+def max_difference(grads: list[Tensor], reference: list[Tensor]) -> float:
+    return max(float((g - r).abs().max()) for g, r in zip(grads, reference))
+
+
+def hypergradient_matches(grads: list[Tensor], reference: list[Tensor]) -> bool:
+    """The reference check: every entry within TOLERANCE."""
+    return max_difference(grads, reference) <= TOLERANCE
+
+
+# ------------------------------------------------------------------------------ fixtures
+def make_wrapper(model_cls: type[nn.Module], engine: str, *, focal_gamma: float = 0.0, seed: int = 0) -> MetaAuxWrapper:
+    torch.manual_seed(seed)
+    model = model_cls(num_classes=NUM_CLASSES).double()
+    mask = HierarchyMask(PSI)
+    generator = MAXLGenerator(mask, network=nn.Linear(6, mask.num_aux_classes).double())
+    return MetaAuxWrapper(
+        model,
+        num_classes=NUM_CLASSES,
+        mask=mask,
+        generator=generator,
+        generator_optimizer=lambda params: torch.optim.SGD(params, lr=0.0),  # keep the hypergradient in .grad
+        inner_lr=INNER_LR,
+        entropy_weight=0.3,
+        aux_weight=0.7,
+        focal_gamma=focal_gamma,
+        engine=engine,
+        seed=seed,
+    )
+
+
+def engine_hypergradient(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> list[Tensor]:
+    wrapper.meta_step(x, y, x_meta, y_meta)
+    return [p.grad.clone() for p in wrapper.generator.parameters()]
+
+
+# ------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("model_cls", [TinyMLP, TinyBNNet], ids=["no-batchnorm", "batchnorm"])
+@pytest.mark.parametrize("focal_gamma", [0.0, 2.0], ids=["cross-entropy", "focal"])
+def test_engine_matches_hand_written_reference(engine: str, model_cls: type[nn.Module], focal_gamma: float) -> None:
+    wrapper = make_wrapper(model_cls, engine, focal_gamma=focal_gamma)
+    x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+    reference = reference_hypergradient(wrapper, x, y, x, y)
+    grads = engine_hypergradient(wrapper, x, y)
+    assert max(float(g.abs().max()) for g in grads) > 1e-3, "degenerate case: the hypergradient is ~0"
+    assert hypergradient_matches(grads, reference), max_difference(grads, reference)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_separate_meta_batch_matches_reference(engine: str) -> None:
+    wrapper = make_wrapper(TinyBNNet, engine)
+    x, y = batch(9, num_classes=NUM_CLASSES, seed=1, dtype=torch.float64)
+    x_meta, y_meta = batch(6, num_classes=NUM_CLASSES, seed=2, dtype=torch.float64)
+    reference = reference_hypergradient(wrapper, x, y, x_meta, y_meta)
+    assert hypergradient_matches(engine_hypergradient(wrapper, x, y, x_meta, y_meta), reference)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_meta_objective_value_matches_reference(engine: str) -> None:
+    wrapper = make_wrapper(TinyBNNet, engine)
+    x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+    expected = reference_objective(wrapper, x, y, x, y)
+    assert torch.allclose(wrapper.meta_step(x, y), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_cls", [TinyMLP, TinyBNNet], ids=["no-batchnorm", "batchnorm"])
+def test_engines_agree_on_default_generator(model_cls: type[nn.Module]) -> None:
+    """The paper's generator (a re-initialised copy of the classifier with an MLP head)."""
+    grads = {}
+    for engine in ENGINES:
+        torch.manual_seed(0)
+        model = model_cls(num_classes=NUM_CLASSES).double()
+        wrapper = MetaAuxWrapper(
+            model, num_classes=NUM_CLASSES, psi=PSI, inner_lr=INNER_LR, engine=engine,
+            generator_optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
+        )
+        x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+        grads[engine] = engine_hypergradient(wrapper, x, y)
+    functional, other = grads["functional"], grads["higher"]
+    assert max(float(g.abs().max()) for g in functional) > 1e-4
+    assert max_difference(functional, other) <= TOLERANCE
+
+
+def wrong_hypergradient(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, *, detach_targets: bool, entropy: bool) -> list[Tensor]:
+    """Hypergradients with known mistakes: targets detached in the virtual step, or no entropy term."""
+    targets = wrapper.generator(x, y)
+    inner_targets = targets.detach() if detach_targets else targets
+    meta = functional_engine(
+        wrapper._net, x, x,
+        inner_loss=lambda primary, aux: wrapper._inner_loss(primary, aux, y, inner_targets),
+        outer_loss=lambda primary: classification_loss(primary, y),
+        inner_lr=wrapper.inner_lr,
+    )
+    objective = meta + (wrapper.entropy_weight * negative_batch_entropy(targets) if entropy else 0.0)
+    return list(torch.autograd.grad(objective, list(wrapper.generator.parameters())))
+
+
+@pytest.mark.parametrize(("detach_targets", "entropy"), [(True, True), (False, False)], ids=["detached-targets", "no-entropy"])
+def test_reference_check_catches_a_wrong_hypergradient(detach_targets: bool, entropy: bool) -> None:
+    wrapper = make_wrapper(TinyBNNet, "functional")
+    x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+    reference = reference_hypergradient(wrapper, x, y, x, y)
+    assert hypergradient_matches(wrong_hypergradient(wrapper, x, y, detach_targets=False, entropy=True), reference)
+    wrong = wrong_hypergradient(wrapper, x, y, detach_targets=detach_targets, entropy=entropy)
+    assert not hypergradient_matches(wrong, reference)
+    assert max_difference(wrong, reference) > 100 * TOLERANCE
+
+
+def test_virtual_step_is_plain_sgd() -> None:
+    params = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
+    moved = virtual_step(params, [torch.tensor([0.5, -1.0]), None], 0.1)
+    assert torch.equal(moved["a"], torch.tensor([0.95, 2.1]))
+    assert moved["b"] is params["b"]
+
+
+def test_unknown_engine_names_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"engine='adam' is not known; choose one of \['functional', 'higher'\]"):
+        get_engine("adam")
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_engine_changes_nothing_of_the_network(engine: str) -> None:
+    wrapper = make_wrapper(TinyBNNet, engine)
+    x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+    before = snapshot(wrapper._net)
+    targets = wrapper.generator(x, y)
+    loss = get_engine(engine)(
+        wrapper._net, x, x,
+        inner_loss=lambda primary, aux: wrapper._inner_loss(primary, aux, y, targets),
+        outer_loss=lambda primary: classification_loss(primary, y),
+        inner_lr=wrapper.inner_lr,
+    )
+    loss.backward()
+    assert_unchanged(wrapper._net, before)
+    assert all(p.grad is not None for p in wrapper.generator.parameters())
+    assert not wrapper.model.fc._forward_pre_hooks
+
+
+@pytest.mark.parametrize("frozen", ["model.hidden.weight", "model.bn.bias"])
+def test_frozen_parameters_take_no_virtual_step(frozen: str) -> None:
+    grads = {}
+    for engine in ENGINES:
+        wrapper = make_wrapper(TinyBNNet, engine)
+        dict(wrapper.named_parameters())[frozen].requires_grad_(False)
+        x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+        grads[engine] = engine_hypergradient(wrapper, x, y)
+    assert max_difference(grads["functional"], grads["higher"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_memory_stays_flat_over_many_meta_steps(engine: str) -> None:
+    """No graph, gradient or tensor outlives a meta step: the count of live tensors stays constant."""
+    wrapper = make_wrapper(TinyBNNet, engine)
+    wrapper._generator_optimizer = torch.optim.Adam(wrapper.generator.parameters(), lr=1e-3)
+    x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if torch.is_tensor(obj))
+
+    counts = []
+    for _ in range(25):
+        result = wrapper.meta_step(x, y)
+        counts.append(live_tensors())
+    assert result is not None and result.grad_fn is None
+    assert counts[3:] == [counts[3]] * 22, counts  # after warm-up (optimizer state, .grad) nothing accumulates
+    assert all(p.grad is not None and p.grad.grad_fn is None for p in wrapper.generator.parameters())

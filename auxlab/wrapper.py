@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,26 @@ _STATE_FORMAT = 1
 def default_generator_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The original MAXL code's generator optimizer: SGD, lr 1e-3, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
+
+
+def _call_on_buffer_copies(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+    """Run ``module`` on copies of its mutable buffers (BatchNorm statistics); return the output
+    and the updated copies, so that the caller commits them only once the step succeeded.
+
+    Modules without parameters that learn (fixed label tables) run as they are.
+    """
+    buffers = {name: b.clone() for name, b in module.named_buffers()} if any(p.requires_grad for p in module.parameters()) else {}
+    if not buffers:
+        return module(*args, **kwargs), {}
+    return torch.func.functional_call(module, buffers, args, kwargs), buffers
+
+
+def _commit_buffers(module: nn.Module, updated: Mapping[str, Tensor]) -> None:
+    """Copy the buffers updated by :func:`_call_on_buffer_copies` into ``module``."""
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in updated:
+                buffer.copy_(updated[name])
 
 
 def _check_number(value: object, name: str, *, positive: bool = False) -> float:
@@ -78,6 +99,12 @@ class MetaAuxWrapper(nn.Module):
         entropy_weight: weight of the generator's entropy regulariser (paper: 0.2).
         focal_gamma: 0 for cross entropy on both heads; the paper's focal loss is 2.
         engine: hypergradient engine, ``"functional"`` (torch.func) or ``"higher"``.
+        nonfinite: what a NaN or infinite loss or hypergradient does. ``"raise"`` (default): a
+            ``FloatingPointError`` naming the step and the loss, before anything is updated.
+            ``"skip"``: a warning, a count in :attr:`skipped_steps`, and the batch contributes
+            nothing: :meth:`loss` returns a zero loss whose gradients are exactly zero (plain SGD
+            then leaves the parameters as they were; momentum and weight decay of your
+            optimizer still act), and :meth:`meta_step` updates nothing.
         seed: seeds the auxiliary head's initialisation and, by default, strategies that draw
             random numbers; the caller's random state is left unchanged.
     """
@@ -89,6 +116,9 @@ class MetaAuxWrapper(nn.Module):
     num_classes: int
     head_name: str
     engine: str
+    nonfinite: Literal["raise", "skip"]
+    steps: dict[str, int]
+    skipped_steps: dict[str, int]
     inner_lr: float
     aux_weight: float
     entropy_weight: float
@@ -113,6 +143,7 @@ class MetaAuxWrapper(nn.Module):
         entropy_weight: float = 0.2,
         focal_gamma: float = 0.0,
         engine: str = "functional",
+        nonfinite: Literal["raise", "skip"] = "raise",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -128,6 +159,11 @@ class MetaAuxWrapper(nn.Module):
         self.focal_gamma = _check_number(focal_gamma, "focal_gamma")
         self._engine = get_engine(engine)
         self.engine = engine
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r} is not known; choose 'raise' or 'skip'")
+        self.nonfinite = nonfinite
+        self.steps = {"model": 0, "meta": 0}
+        self.skipped_steps = {"model": 0, "meta": 0}
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         self.head_name = find_head(model, self.num_classes, head)
@@ -219,7 +255,7 @@ class MetaAuxWrapper(nn.Module):
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
         with torch.no_grad():
-            return self._targets(x, y, index, update_stats=False)
+            return self._targets(x, y, index)[0]
 
     def loss(self, x: Tensor, y: Tensor, *, index: Tensor | None = None) -> Tensor:
         """The model step's loss: ``L_pri + aux_weight * L_aux``, batch means.
@@ -235,18 +271,28 @@ class MetaAuxWrapper(nn.Module):
 
         Returns:
             A scalar tensor to call ``backward()`` on.
+
+        Raises:
+            FloatingPointError: if the loss is not finite and ``nonfinite="raise"``.
         """
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
-        if self.generator is None:
-            primary, _ = self._net(x, with_aux=False)
-            self._check_primary(primary, x)
-            return classification_loss(primary, y, focal_gamma=self.focal_gamma)
-        primary, aux = self._net(x)
+        self.steps["model"] += 1
+        (primary, aux), statistics = _call_on_buffer_copies(self._net, x, with_aux=self.generator is not None)
         self._check_primary(primary, x)
-        with torch.no_grad():
-            targets = self._targets(x, y, index, update_stats=False)
-        return self._inner_loss(primary, aux, y, targets)
+        if self.generator is None:
+            loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
+            terms = {"primary loss": loss}
+        else:
+            with torch.no_grad():
+                targets = self._targets(x, y, index)[0]
+            primary_loss, aux_loss = self._loss_terms(primary, aux, y, targets)
+            loss = primary_loss + self.aux_weight * aux_loss
+            terms = {"primary loss": primary_loss, "auxiliary loss": aux_loss}
+        if not self._finite("model", loss, **terms):
+            return self._zero_loss()
+        _commit_buffers(self._net, statistics)  # the model's BatchNorm statistics move once, on a finite batch
+        return loss
 
     def meta_step(
         self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *, index: Tensor | None = None
@@ -269,7 +315,12 @@ class MetaAuxWrapper(nn.Module):
             index: ``(B,)`` dataset indices of ``x``, for strategies with ``needs_index``.
 
         Returns:
-            The meta objective's value (detached), or None for a no-op.
+            The meta objective's value (detached), or None for a no-op or a skipped step
+            (``nonfinite="skip"``).
+
+        Raises:
+            FloatingPointError: if the meta objective or the hypergradient is not finite and
+                ``nonfinite="raise"``; the generator is then left unchanged.
         """
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
@@ -281,7 +332,8 @@ class MetaAuxWrapper(nn.Module):
             y_meta = self._check_batch(x_meta, y_meta, "x_meta", "y_meta")
         if self.generator is None or self._generator_optimizer is None:
             return None
-        targets = self._targets(x, y, index, update_stats=True)
+        self.steps["meta"] += 1
+        targets, statistics = self._targets(x, y, index)
         meta_primary = self._engine(
             self._net,
             x,
@@ -290,9 +342,15 @@ class MetaAuxWrapper(nn.Module):
             outer_loss=lambda primary: classification_loss(primary, y_meta, focal_gamma=self.focal_gamma),
             inner_lr=self.inner_lr,
         )
-        objective = meta_primary + self.entropy_weight * negative_batch_entropy(targets)
+        entropy_term = negative_batch_entropy(targets)
+        objective = meta_primary + self.entropy_weight * entropy_term
         params = [p for p in self.generator.parameters() if p.requires_grad]
         grads = torch.autograd.grad(objective, params, allow_unused=True)
+        present = [g for g in grads if g is not None]
+        gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
+        if not self._finite("meta", objective, **{"primary loss at theta'": meta_primary, "entropy term": entropy_term, "hypergradient norm": gradient_norm}):
+            return None
+        _commit_buffers(self.generator, statistics)  # the generator's BatchNorm statistics move in its own step
         optimizer = self._generator_optimizer
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
@@ -315,19 +373,23 @@ class MetaAuxWrapper(nn.Module):
 
     # ----------------------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
-        """The hierarchy and the generator optimizer's state, saved under ``_extra_state``."""
+        """The hierarchy, the generator optimizer's state and the step counters, saved under ``_extra_state``."""
         optimizer = self._generator_optimizer
         return {
             "format": _STATE_FORMAT,
             "psi": list(self.mask.psi),
             "single_task": self.is_single_task,
             "generator_optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "steps": dict(self.steps),
+            "skipped_steps": dict(self.skipped_steps),
         }
 
     def set_extra_state(self, state: Any) -> None:
         self._check_extra_state(state)
         if self._generator_optimizer is not None and state["generator_optimizer"] is not None:
             self._generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.steps = dict(state["steps"])
+        self.skipped_steps = dict(state["skipped_steps"])
 
     def _check_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
@@ -365,25 +427,50 @@ class MetaAuxWrapper(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----------------------------------------------------------------------------------- internals
-    def _inner_loss(self, primary: Tensor, aux: Tensor | None, y: Tensor, targets: Tensor) -> Tensor:
-        """``L_pri + aux_weight * L_aux``: the model step's loss and the virtual step's."""
+    def _loss_terms(self, primary: Tensor, aux: Tensor | None, y: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L_pri, L_aux)`` of the model step and the virtual step."""
         assert aux is not None
         if aux.shape != targets.shape:
             raise ValueError(f"the auxiliary head gave shape {tuple(aux.shape)} but the targets have {tuple(targets.shape)}; the head's input must be (B, features)")
         primary_loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
-        return primary_loss + self.aux_weight * classification_loss(aux, targets, focal_gamma=self.focal_gamma)
+        return primary_loss, classification_loss(aux, targets, focal_gamma=self.focal_gamma)
 
-    def _targets(self, x: Tensor, y: Tensor, index: Tensor | None, *, update_stats: bool) -> Tensor:
+    def _inner_loss(self, primary: Tensor, aux: Tensor | None, y: Tensor, targets: Tensor) -> Tensor:
+        """``L_pri + aux_weight * L_aux``: the loss of the virtual step."""
+        primary_loss, aux_loss = self._loss_terms(primary, aux, y, targets)
+        return primary_loss + self.aux_weight * aux_loss
+
+    def _finite(self, step: str, total: Tensor, **parts: Tensor) -> bool:
+        """Whether ``total`` is finite; otherwise raise or (``nonfinite="skip"``) warn and count."""
+        if bool(torch.isfinite(total)):
+            return True
+        described = ", ".join(f"{name} = {float(value.detach()):.4g}" for name, value in parts.items())
+        where = f"{step} step {self.steps[step]}"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite loss at {where}: {described}; nothing was updated. Check the batch for NaN/inf inputs and "
+                "the learning rates, or pass nonfinite='skip' to skip such batches"
+            )
+        self.skipped_steps[step] += 1
+        warnings.warn(f"skipped {where}: non-finite loss ({described}); {self.skipped_steps[step]} {step} step(s) skipped so far", RuntimeWarning, stacklevel=3)
+        return False
+
+    def _zero_loss(self) -> Tensor:
+        """A loss of exactly 0 whose gradient is exactly 0 for every parameter of the user's optimizer."""
+        return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self._device))
+
+    def _targets(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator's ``(B, K)`` targets, and its updated buffers for :func:`_commit_buffers`."""
         assert self.generator is not None
-        if update_stats or not any(True for _ in self.generator.buffers()) or not self.generator.learns:
-            targets: Tensor = self.generator(x, y, index)
-        else:  # run on copies of the buffers so that its BatchNorm statistics move once per batch only
-            buffers = {name: b.clone() for name, b in self.generator.named_buffers()}
-            targets = torch.func.functional_call(self.generator, buffers, (x, y, index))
+        targets, statistics = _call_on_buffer_copies(self.generator, x, y, index)
         expected = (y.shape[0], self.mask.num_aux_classes)
         if targets.shape != expected:
             raise ValueError(f"the generator returned targets of shape {tuple(targets.shape)}; expected {expected} (B, K=sum(psi))")
-        return targets
+        return targets, statistics
+
+    @property
+    def _device(self) -> torch.device:
+        return cast(nn.Linear, self.model.get_submodule(self.head_name)).weight.device
 
     def _check_batch(self, x: Tensor, y: Tensor, x_name: str, y_name: str) -> Tensor:
         """Validate a batch before anything runs; returns ``y`` as int64."""
@@ -399,7 +486,7 @@ class MetaAuxWrapper(nn.Module):
             raise ValueError(f"{x_name} has batch size {x.shape[0] if x.dim() else 'none (0-d)'} but {y_name} has {y.shape[0]}; they must match")
         if y.shape[0] == 0:
             raise ValueError(f"{y_name} is an empty batch; give at least one sample")
-        device = self.model.get_submodule(self.head_name).weight.device
+        device = self._device
         for name, tensor in ((x_name, x), (y_name, y)):
             if tensor.device != device:
                 raise ValueError(f"{name} is on {tensor.device} but the model is on {device}; move the batch with .to({str(device)!r})")

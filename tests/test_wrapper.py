@@ -351,7 +351,6 @@ def test_model_output_width_is_checked() -> None:
 
 
 def test_index_out_of_range_is_reported() -> None:
-    dataset, _, _ = _fine_dataset()
     wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2, generator="random", generator_kwargs={"num_samples": 24})
     x, y = batch(3)
     with pytest.raises(ValueError, match=r"index has value 24 but the 'random' table covers 24 training samples"):
@@ -431,3 +430,66 @@ def test_loading_a_checkpoint_of_another_hierarchy_or_model_changes_nothing() ->
     with pytest.raises(ValueError, match="no '_extra_state' entry"):
         wrapper.load_state_dict(plain)
     assert_unchanged(wrapper, before)
+
+
+# ------------------------------------------------------------------------------ non-finite losses
+def _poisoned_batch() -> tuple[Tensor, Tensor]:
+    x, y = batch(6)
+    x[2, 1] = float("nan")
+    return x, y
+
+
+@pytest.mark.parametrize("generator", ["maxl", "single"])
+def test_a_nan_batch_raises_naming_the_step_and_changes_nothing(generator: str) -> None:
+    wrapper = MetaAuxWrapper(TinyBNNet(), num_classes=3, psi=2, generator=generator)
+    wrapper.loss(*batch(6))
+    before = snapshot(wrapper)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at model step 2: primary loss = nan.*nonfinite='skip'"):
+        wrapper.loss(*_poisoned_batch())
+    assert_unchanged(wrapper, before)  # the BatchNorm statistics included
+
+
+def test_a_nan_batch_in_the_meta_step_raises_and_leaves_the_generator() -> None:
+    wrapper = MetaAuxWrapper(TinyBNNet(), num_classes=3, psi=2)
+    before = snapshot(wrapper)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at meta step 1: primary loss at theta' = nan"):
+        wrapper.meta_step(*_poisoned_batch())
+    assert_unchanged(wrapper, before)
+    assert all(p.grad is None for p in wrapper.generator.parameters())
+
+
+def test_skip_mode_warns_counts_and_updates_nothing() -> None:
+    wrapper = MetaAuxWrapper(TinyBNNet(), num_classes=3, psi=2, nonfinite="skip")
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    before = snapshot(wrapper)
+    x, y = _poisoned_batch()
+    with pytest.warns(RuntimeWarning, match=r"skipped model step 1: non-finite loss .*1 model step\(s\) skipped so far"):
+        loss = wrapper.loss(x, y)
+    assert float(loss) == 0.0
+    optimizer.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in wrapper.parameters())
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match="skipped meta step 1"):
+        assert wrapper.meta_step(x, y) is None
+    assert_unchanged(wrapper, before)
+    assert wrapper.skipped_steps == {"model": 1, "meta": 1} and wrapper.steps == {"model": 1, "meta": 1}
+    assert torch.isfinite(wrapper.loss(*batch(6)))  # training goes on
+
+
+def test_huge_logits_stay_finite() -> None:
+    class Loud(TinyMLP):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 1e4
+
+    wrapper = MetaAuxWrapper(Loud(), num_classes=3, psi=2)
+    x, y = batch(6)
+    loss = wrapper.loss(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in wrapper.parameters())
+    assert wrapper.meta_step(x, y) is not None
+
+
+def test_nonfinite_argument_is_checked() -> None:
+    with pytest.raises(ValueError, match="nonfinite='ignore' is not known; choose 'raise' or 'skip'"):
+        MetaAuxWrapper(TinyMLP(), num_classes=3, nonfinite="ignore")  # type: ignore[arg-type]

@@ -1,27 +1,89 @@
-"""Hypergradient engines: differentiable evaluation of the primary loss after a virtual SGD step.
+"""Hypergradient engines: the meta objective's dependence on the auxiliary targets.
 
-Every engine computes ``L_pri(f_theta'(x_meta), y_meta)`` with
-``theta' = theta - inner_lr * grad_theta L_inner(theta)`` over all trainable parameters of the
-multi-task network, keeping the graph so that the result can be differentiated with respect to the
-label generator (through the targets inside ``inner_loss``). None of them changes a parameter, a
-buffer (BatchNorm running statistics) or ``.grad`` of the network.
+Every engine takes a :class:`MetaProblem` and returns a scalar whose value is the primary loss
+after the virtual step, ``L_pri(f_theta'(x_meta), y_meta)`` with
+``theta' = theta - inner_lr * grad_theta [L_pri + aux_weight * L_aux](theta, t)``, and whose
+gradient with respect to the targets ``t`` is that loss's gradient (exactly, or approximately for
+``"finite_difference"``). The wrapper adds the entropy term and backpropagates into the generator.
+No engine changes a parameter, a buffer (BatchNorm statistics) or ``.grad`` of the network.
+
+- ``"functional"``: exact; ``torch.func.functional_call`` and ``autograd.grad(create_graph=True)``.
+- ``"higher"``: exact; the ``higher`` library's differentiable SGD.
+- ``"jvp"``: exact without a second-order graph. The auxiliary loss is linear in the targets,
+  ``L_aux = sum_bk t_bk c_bk(theta)`` (:func:`~auxlab.losses.soft_target_coefficients`), so
+  ``dL_pri(theta')/dt_bk = -inner_lr * aux_weight * (J_c(theta) u)_bk`` with
+  ``u = grad L_pri(theta')``: one forward-mode Jacobian-vector product.
+- ``"finite_difference"``: the same identity with ``J_c u`` replaced by the central difference
+  ``(c(theta + eps u) - c(theta - eps u)) / (2 eps)``, ``eps = 0.01 / ||u||`` (as in DARTS):
+  two extra forward passes, first order only, error O(eps^2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from auxlab.losses import classification_loss, soft_target_coefficients
 from auxlab.multitask import MultiTaskNet
 
-InnerLoss = Callable[[Tensor, "Tensor | None"], Tensor]
-"""``(primary, aux) -> L_inner``, the training loss of the virtual step."""
-OuterLoss = Callable[[Tensor], Tensor]
-"""``primary logits at theta' -> L_pri``."""
-Engine = Callable[..., Tensor]
+__all__ = ["ENGINES", "FINITE_DIFFERENCE_SCALE", "MetaProblem", "get_engine", "virtual_step"]
+
+#: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
+FINITE_DIFFERENCE_SCALE = 0.01
+
+
+@dataclass(frozen=True)
+class MetaProblem:
+    """One meta step's inputs.
+
+    Attributes:
+        net: the multi-task network (classifier + auxiliary head).
+        x, y: ``(B, ...)`` inputs and ``(B,)`` labels of the virtual step.
+        targets: ``(B, K)`` auxiliary targets, differentiable with respect to the generator.
+        x_meta, y_meta: the batch of the meta loss.
+        inner_lr, aux_weight, focal_gamma: the wrapper's hyper-parameters.
+        virtual_params: names of the parameters that take the virtual step; None for every
+            trainable parameter. The others are held fixed.
+    """
+
+    net: MultiTaskNet
+    x: Tensor
+    y: Tensor
+    targets: Tensor
+    x_meta: Tensor
+    y_meta: Tensor
+    inner_lr: float
+    aux_weight: float
+    focal_gamma: float
+    virtual_params: frozenset[str] | None = None
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The parameters of the virtual step, by name."""
+        return {
+            name: p
+            for name, p in self.net.named_parameters()
+            if p.requires_grad and (self.virtual_params is None or name in self.virtual_params)
+        }
+
+    def buffer_copies(self) -> dict[str, Tensor]:
+        """Copies of the network's buffers, so that no forward here moves its running statistics."""
+        return {name: b.clone() for name, b in self.net.named_buffers()}
+
+    def inner_loss(self, primary: Tensor, aux: Tensor | None, targets: Tensor) -> Tensor:
+        """``L_pri + aux_weight * L_aux`` of the virtual step, written as linear in ``targets``."""
+        assert aux is not None
+        coefficients = soft_target_coefficients(aux, focal_gamma=self.focal_gamma)
+        return self.primary_loss(primary, self.y) + self.aux_weight * (targets * coefficients).sum()
+
+    def primary_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return classification_loss(logits, y, focal_gamma=self.focal_gamma)
+
+
+Engine = Callable[[MetaProblem], Tensor]
 
 
 def virtual_step(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], inner_lr: float) -> dict[str, Tensor]:
@@ -29,34 +91,96 @@ def virtual_step(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], i
     return {name: p if g is None else p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
 
 
-def functional_engine(
-    net: MultiTaskNet, x: Tensor, x_meta: Tensor, *, inner_loss: InnerLoss, outer_loss: OuterLoss, inner_lr: float
-) -> Tensor:
+def functional_engine(problem: MetaProblem) -> Tensor:
     """Exact second order on ``torch.func.functional_call`` and ``autograd.grad(create_graph=True)``."""
-    params: dict[str, Tensor] = {name: p for name, p in net.named_parameters() if p.requires_grad}
-    buffers = {name: b.clone() for name, b in net.named_buffers()}  # the running statistics stay untouched
-    primary, aux = functional_call(net, (params, buffers), (x,))
-    grads = torch.autograd.grad(inner_loss(primary, aux), list(params.values()), create_graph=True, allow_unused=True)
-    primary_meta, _ = functional_call(net, (virtual_step(params, grads, inner_lr), buffers), (x_meta,), {"with_aux": False})
-    return outer_loss(primary_meta)
+    params, buffers = problem.parameters(), problem.buffer_copies()
+    primary, aux = functional_call(problem.net, (params, buffers), (problem.x,))
+    inner = problem.inner_loss(primary, aux, problem.targets)
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+    moved = virtual_step(params, grads, problem.inner_lr)
+    primary_meta, _ = functional_call(problem.net, (moved, buffers), (problem.x_meta,), {"with_aux": False})
+    return problem.primary_loss(primary_meta, problem.y_meta)
 
 
-def higher_engine(
-    net: MultiTaskNet, x: Tensor, x_meta: Tensor, *, inner_loss: InnerLoss, outer_loss: OuterLoss, inner_lr: float
-) -> Tensor:
+def higher_engine(problem: MetaProblem) -> Tensor:
     """Exact second order on the ``higher`` library's differentiable SGD (``innerloop_ctx``)."""
     import higher  # type: ignore[import-untyped]
 
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=inner_lr)
-    with higher.innerloop_ctx(net, optimizer, copy_initial_weights=False, track_higher_grads=True) as (fnet, diffopt):
-        primary, aux = fnet(x)
-        diffopt.step(inner_loss(primary, aux))
-        primary_meta, _ = fnet(x_meta, with_aux=False)
-        return outer_loss(primary_meta)
+    optimizer = torch.optim.SGD(list(problem.parameters().values()), lr=problem.inner_lr)
+    with higher.innerloop_ctx(problem.net, optimizer, copy_initial_weights=False, track_higher_grads=True) as (fnet, diffopt):
+        primary, aux = fnet(problem.x)
+        diffopt.step(problem.inner_loss(primary, aux, problem.targets))
+        primary_meta, _ = fnet(problem.x_meta, with_aux=False)
+        loss: Tensor = problem.primary_loss(primary_meta, problem.y_meta)
+        return loss
 
 
-ENGINES: dict[str, Engine] = {"functional": functional_engine, "higher": higher_engine}
+DirectionalDerivative = Callable[[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor], dict[str, Tensor]], Tensor]
+
+
+def forward_mode(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:
+    """``J_function(at) direction`` by forward-mode automatic differentiation (exact)."""
+    tangent: Tensor = torch.func.jvp(function, (at,), (direction,))[1]
+    return tangent
+
+
+def central_difference(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:
+    """``J_function(at) direction`` by ``(f(at + eps d) - f(at - eps d)) / (2 eps)``, ``eps = 0.01 / ||d||``."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction.values()]))
+    if norm == 0:
+        return torch.zeros_like(function(at))
+    eps = FINITE_DIFFERENCE_SCALE / norm
+    plus = function({name: p + eps * direction[name] for name, p in at.items()})
+    minus = function({name: p - eps * direction[name] for name, p in at.items()})
+    difference: Tensor = (plus - minus) / (2 * eps)
+    return difference
+
+
+def linearised_engine(problem: MetaProblem, derivative: DirectionalDerivative) -> Tensor:
+    """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
+
+    First-order gradients only: ``g`` at theta, ``u`` at theta', then one directional derivative
+    of the auxiliary loss's coefficients ``c(theta)`` along ``u``.
+    """
+    live = problem.parameters()
+    params = {name: p.detach() for name, p in live.items()}
+    buffers = problem.buffer_copies()
+    with torch.enable_grad():
+        primary, aux = functional_call(problem.net, (live, buffers), (problem.x,))
+        grads = torch.autograd.grad(problem.inner_loss(primary, aux, problem.targets.detach()), list(live.values()), allow_unused=True)
+        moved = {name: p.requires_grad_() for name, p in virtual_step(params, grads, problem.inner_lr).items()}
+        primary_meta, _ = functional_call(problem.net, (moved, buffers), (problem.x_meta,), {"with_aux": False})
+        meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
+        u_list = torch.autograd.grad(meta_loss, list(moved.values()), allow_unused=True)
+    u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
+
+    def coefficients(at: dict[str, Tensor]) -> Tensor:
+        _, aux_at = functional_call(problem.net, (at, problem.buffer_copies()), (problem.x,))
+        assert aux_at is not None
+        return soft_target_coefficients(aux_at, focal_gamma=problem.focal_gamma)
+
+    with torch.no_grad():
+        target_gradient = -problem.inner_lr * problem.aux_weight * derivative(coefficients, params, u)
+    linear = (problem.targets * target_gradient).sum()
+    return meta_loss.detach() + linear - linear.detach()
+
+
+def jvp_engine(problem: MetaProblem) -> Tensor:
+    """Exact, without a second-order graph: one forward-mode Jacobian-vector product."""
+    return linearised_engine(problem, forward_mode)
+
+
+def finite_difference_engine(problem: MetaProblem) -> Tensor:
+    """Approximate (O(eps^2)): two extra forward passes instead of the Jacobian-vector product."""
+    return linearised_engine(problem, central_difference)
+
+
+ENGINES: dict[str, Engine] = {
+    "functional": functional_engine,
+    "higher": higher_engine,
+    "jvp": jvp_engine,
+    "finite_difference": finite_difference_engine,
+}
 
 
 def get_engine(name: str) -> Engine:
@@ -64,6 +188,3 @@ def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise ValueError(f"engine={name!r} is not known; choose one of {sorted(ENGINES)}")
     return ENGINES[name]
-
-
-__all__ = ["ENGINES", "functional_engine", "get_engine", "higher_engine", "virtual_step"]

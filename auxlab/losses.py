@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["classification_loss", "negative_batch_entropy"]
+__all__ = ["classification_loss", "negative_batch_entropy", "soft_target_coefficients"]
 
 
 def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 0.0) -> Tensor:
@@ -38,9 +38,29 @@ def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 
         if focal_gamma:
             log_p = _focal_factor(log_p, focal_gamma) * log_p
         return -log_p.mean()
+    return (target * soft_target_coefficients(logits, focal_gamma=focal_gamma, log_p=log_p)).sum()
+
+
+def soft_target_coefficients(logits: Tensor, *, focal_gamma: float = 0.0, log_p: Tensor | None = None) -> Tensor:
+    """``c`` such that the soft-target loss is ``classification_loss(logits, t) == (t * c).sum()``.
+
+    The loss against soft targets ``t`` is linear in ``t``, with coefficients
+    ``c_bk = -(1 - p_bk)^gamma log p_bk / B``. The meta step uses this: the hypergradient with
+    respect to the targets is a directional derivative of ``c`` (no double backward needed).
+
+    Args:
+        logits: ``(B, K)`` unnormalised scores.
+        focal_gamma: focusing parameter, >= 0.
+        log_p: ``log_softmax(logits, 1)`` when the caller has it already.
+
+    Returns:
+        ``(B, K)`` coefficients.
+    """
+    if log_p is None:
+        log_p = torch.log_softmax(logits, dim=1)
     if focal_gamma:
         log_p = _focal_factor(log_p, focal_gamma) * log_p
-    return -(target * log_p).sum(dim=1).mean()
+    return log_p / -logits.shape[0]
 
 
 def _focal_factor(log_p: Tensor, gamma: float) -> Tensor:

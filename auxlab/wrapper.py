@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from auxlab._seeding import seeded
-from auxlab.engines import Engine, get_engine
+from auxlab.engines import Engine, MetaProblem, get_engine
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.losses import classification_loss, negative_batch_entropy
@@ -98,7 +98,15 @@ class MetaAuxWrapper(nn.Module):
         aux_weight: weight of the auxiliary loss in the model's loss (paper: 1.0).
         entropy_weight: weight of the generator's entropy regulariser (paper: 0.2).
         focal_gamma: 0 for cross entropy on both heads; the paper's focal loss is 2.
-        engine: hypergradient engine, ``"functional"`` (torch.func) or ``"higher"``.
+        engine: hypergradient engine (see :mod:`auxlab.engines`): ``"functional"`` (exact,
+            torch.func with a second-order graph), ``"higher"`` (exact, the higher library),
+            ``"jvp"`` (exact, one forward-mode Jacobian-vector product, no second-order graph),
+            or ``"finite_difference"`` (first order, DARTS-style central difference).
+        meta_every: do the meta step on every ``meta_every``-th call of :meth:`meta_step` only
+            (the others return None at no cost); 1 is the paper's algorithm.
+        virtual_params: restrict the virtual step to these parameters, given as names or name
+            prefixes of ``wrapper.named_parameters()`` (e.g. ``["aux_head", "model.fc"]``); the
+            others are held fixed in it. None (default): every trainable parameter, as in the paper.
         nonfinite: what a NaN or infinite loss or hypergradient does. ``"raise"`` (default): a
             ``FloatingPointError`` naming the step and the loss, before anything is updated.
             ``"skip"``: a warning, a count in :attr:`skipped_steps`, and the batch contributes
@@ -116,6 +124,8 @@ class MetaAuxWrapper(nn.Module):
     num_classes: int
     head_name: str
     engine: str
+    meta_every: int
+    _virtual_params: frozenset[str] | None
     nonfinite: Literal["raise", "skip"]
     steps: dict[str, int]
     skipped_steps: dict[str, int]
@@ -143,6 +153,8 @@ class MetaAuxWrapper(nn.Module):
         entropy_weight: float = 0.2,
         focal_gamma: float = 0.0,
         engine: str = "functional",
+        meta_every: int = 1,
+        virtual_params: Sequence[str] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         seed: int = 0,
     ) -> None:
@@ -159,6 +171,9 @@ class MetaAuxWrapper(nn.Module):
         self.focal_gamma = _check_number(focal_gamma, "focal_gamma")
         self._engine = get_engine(engine)
         self.engine = engine
+        if isinstance(meta_every, bool) or not isinstance(meta_every, numbers.Integral) or meta_every < 1:
+            raise ValueError(f"meta_every must be a positive integer, got {meta_every!r}")
+        self.meta_every = int(meta_every)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} is not known; choose 'raise' or 'skip'")
         self.nonfinite = nonfinite
@@ -186,6 +201,7 @@ class MetaAuxWrapper(nn.Module):
             self.generator = built.to(device=linear.weight.device)
         # A view sharing model and aux_head, kept outside the module tree so nothing is registered twice.
         object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
+        self._virtual_params = self._select_virtual_params(virtual_params)
         learnable = [p for p in self.generator.parameters() if p.requires_grad] if self.generator is not None else []
         self._generator_optimizer = (generator_optimizer or default_generator_optimizer)(learnable) if learnable else None
 
@@ -210,6 +226,21 @@ class MetaAuxWrapper(nn.Module):
                 "give one sub-class count per class, or a single int for all"
             )
         return built
+
+    def _select_virtual_params(self, prefixes: Sequence[str] | None) -> frozenset[str] | None:
+        if prefixes is None:
+            return None
+        if isinstance(prefixes, str) or not all(isinstance(p, str) for p in prefixes) or not prefixes:
+            raise TypeError(f"virtual_params must be a non-empty list of parameter names or prefixes, got {prefixes!r}")
+        names = [name for name, p in self._net.named_parameters() if p.requires_grad]
+        chosen = set()
+        for prefix in prefixes:
+            matched = {n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")}
+            if not matched:
+                tops = sorted({n.rsplit(".", 1)[0] for n in names})
+                raise ValueError(f"virtual_params entry {prefix!r} matches no trainable parameter; modules with parameters: {tops}")
+            chosen |= matched
+        return frozenset(chosen)
 
     def _build_generator(
         self, generator: str | AuxLabelGenerator, kwargs: Mapping[str, Any] | None, model: nn.Module, seed: int
@@ -333,14 +364,14 @@ class MetaAuxWrapper(nn.Module):
         if self.generator is None or self._generator_optimizer is None:
             return None
         self.steps["meta"] += 1
+        if (self.steps["meta"] - 1) % self.meta_every:
+            return None
         targets, statistics = self._targets(x, y, index)
         meta_primary = self._engine(
-            self._net,
-            x,
-            x_meta,
-            inner_loss=lambda primary, aux: self._inner_loss(primary, aux, y, targets),
-            outer_loss=lambda primary: classification_loss(primary, y_meta, focal_gamma=self.focal_gamma),
-            inner_lr=self.inner_lr,
+            MetaProblem(
+                net=self._net, x=x, y=y, targets=targets, x_meta=x_meta, y_meta=y_meta, inner_lr=self.inner_lr,
+                aux_weight=self.aux_weight, focal_gamma=self.focal_gamma, virtual_params=self._virtual_params,
+            )
         )
         entropy_term = negative_batch_entropy(targets)
         objective = meta_primary + self.entropy_weight * entropy_term
@@ -428,17 +459,12 @@ class MetaAuxWrapper(nn.Module):
 
     # ----------------------------------------------------------------------------------- internals
     def _loss_terms(self, primary: Tensor, aux: Tensor | None, y: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``(L_pri, L_aux)`` of the model step and the virtual step."""
+        """``(L_pri, L_aux)`` of the model step."""
         assert aux is not None
         if aux.shape != targets.shape:
             raise ValueError(f"the auxiliary head gave shape {tuple(aux.shape)} but the targets have {tuple(targets.shape)}; the head's input must be (B, features)")
         primary_loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
         return primary_loss, classification_loss(aux, targets, focal_gamma=self.focal_gamma)
-
-    def _inner_loss(self, primary: Tensor, aux: Tensor | None, y: Tensor, targets: Tensor) -> Tensor:
-        """``L_pri + aux_weight * L_aux``: the loss of the virtual step."""
-        primary_loss, aux_loss = self._loss_terms(primary, aux, y, targets)
-        return primary_loss + self.aux_weight * aux_loss
 
     def _finite(self, step: str, total: Tensor, **parts: Tensor) -> bool:
         """Whether ``total`` is finite; otherwise raise or (``nonfinite="skip"``) warn and count."""

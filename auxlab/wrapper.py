@@ -512,6 +512,9 @@ class MetaAuxWrapper(nn.Module):
             raise ValueError(f"{x_name} has batch size {x.shape[0] if x.dim() else 'none (0-d)'} but {y_name} has {y.shape[0]}; they must match")
         if y.shape[0] == 0:
             raise ValueError(f"{y_name} is an empty batch; give at least one sample")
+        dtype = cast(nn.Linear, self.model.get_submodule(self.head_name)).weight.dtype
+        if x.is_floating_point() and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{x_name} is {x.dtype} but the model's parameters are {dtype}; convert the batch with {x_name}.to({dtype})")
         device = self._device
         for name, tensor in ((x_name, x), (y_name, y)):
             if tensor.device != device:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from auxlab._seeding import seeded
-from auxlab.engines import Engine, MetaProblem, get_engine
+from auxlab.engines import MetaProblem, get_engine
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.losses import classification_loss, negative_batch_entropy
@@ -32,12 +32,14 @@ def default_generator_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.O
 
 
 def _call_on_buffer_copies(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
-    """Run ``module`` on copies of its mutable buffers (BatchNorm statistics); return the output
-    and the updated copies, so that the caller commits them only once the step succeeded.
+    """Run ``module`` on copies of its buffers (BatchNorm statistics); return the output and the
+    updated copies, so that the caller commits them only once the step succeeded.
 
-    Modules without parameters that learn (fixed label tables) run as they are.
+    A module without floating-point buffers (no running statistics; e.g. a fixed label table)
+    runs as it is.
     """
-    buffers = {name: b.clone() for name, b in module.named_buffers()} if any(p.requires_grad for p in module.parameters()) else {}
+    named = dict(module.named_buffers())
+    buffers = {name: b.clone() for name, b in named.items()} if any(b.is_floating_point() for b in named.values()) else {}
     if not buffers:
         return module(*args, **kwargs), {}
     return torch.func.functional_call(module, buffers, args, kwargs), buffers
@@ -134,7 +136,6 @@ class MetaAuxWrapper(nn.Module):
     entropy_weight: float
     focal_gamma: float
     _net: MultiTaskNet
-    _engine: Engine
     _generator_optimizer: torch.optim.Optimizer | None
 
     def __init__(
@@ -169,7 +170,7 @@ class MetaAuxWrapper(nn.Module):
         self.aux_weight = _check_number(aux_weight, "aux_weight")
         self.entropy_weight = _check_number(entropy_weight, "entropy_weight")
         self.focal_gamma = _check_number(focal_gamma, "focal_gamma")
-        self._engine = get_engine(engine)
+        get_engine(engine)  # a clear error now rather than at the first meta step
         self.engine = engine
         if isinstance(meta_every, bool) or not isinstance(meta_every, numbers.Integral) or meta_every < 1:
             raise ValueError(f"meta_every must be a positive integer, got {meta_every!r}")
@@ -367,7 +368,7 @@ class MetaAuxWrapper(nn.Module):
         if (self.steps["meta"] - 1) % self.meta_every:
             return None
         targets, statistics = self._targets(x, y, index)
-        meta_primary = self._engine(
+        meta_primary = get_engine(self.engine)(
             MetaProblem(
                 net=self._net, x=x, y=y, targets=targets, x_meta=x_meta, y_meta=y_meta, inner_lr=self.inner_lr,
                 aux_weight=self.aux_weight, focal_gamma=self.focal_gamma, virtual_params=self._virtual_params,

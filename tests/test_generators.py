@@ -562,3 +562,13 @@ def test_maxl_rejects_a_network_that_is_not_a_module() -> None:
 def test_from_model_requires_a_linear_head(make_model: Callable[[], nn.Module], head_name: str, kind: str) -> None:
     with pytest.raises(TypeError, match=rf"head '{head_name}' must be an nn.Linear, got {kind}"):
         MAXLGenerator.from_model(MASK, make_model(), head_name=head_name)
+
+
+def test_a_subclass_of_a_registered_strategy_is_not_registered_under_its_parents_name() -> None:
+    class MyRandom(RandomLabels):
+        """Random labels under another class."""
+
+    assert MyRandom.name is None and GENERATORS["random"] is RandomLabels
+    table = MyRandom(MASK, num_samples=4)
+    with pytest.raises(ValueError, match="the 'MyRandom' strategy assigns a fixed label per training sample"):
+        table(torch.zeros(2, 4), torch.tensor([0, 1]))

@@ -526,3 +526,38 @@ def test_same_seed_same_training_run_for_every_strategy(name: str) -> None:
     first, second = run(global_seed=1), run(global_seed=2)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_engine_can_be_switched_after_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    import auxlab.engines
+
+    used = []
+    for name, engine in list(auxlab.engines.ENGINES.items()):
+        monkeypatch.setitem(auxlab.engines.ENGINES, name, lambda problem, name=name, engine=engine: used.append(name) or engine(problem))
+    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2)
+    x, y = batch(6)
+    wrapper.meta_step(x, y)
+    wrapper.engine = "jvp"
+    wrapper.meta_step(x, y)
+    assert used == ["functional", "jvp"]
+
+
+def test_a_fixed_generator_with_batchnorm_does_not_move_its_statistics() -> None:
+    class FrozenExtractorLabels(AuxLabelGenerator):
+        """Nearest sub-class from a frozen extractor that has BatchNorm, left in train mode."""
+
+        def __init__(self, mask: HierarchyMask) -> None:
+            super().__init__(mask)
+            self.extractor = TinyBNNet(num_classes=mask.num_aux_classes).requires_grad_(False)
+
+        def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+            return self.mask.softmax(self.extractor(x), y)
+
+    mask = HierarchyMask([2, 2, 2])
+    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, mask=mask, generator=FrozenExtractorLabels(mask))
+    before = snapshot(wrapper.generator)
+    x, y = batch(6)
+    wrapper.loss(x, y)
+    wrapper.aux_targets(x, y)
+    assert wrapper.meta_step(x, y) is None
+    assert_unchanged(wrapper.generator, before)

@@ -36,7 +36,7 @@ class FixedLabelTable(AuxLabelGenerator):
         """Validate ``index`` and return it; raises a ValueError/TypeError naming the problem."""
         if index is None:
             raise ValueError(
-                f"the {self.name!r} strategy assigns a fixed label per training sample and needs index=: "
+                f"the {self.name or type(self).__name__!r} strategy assigns a fixed label per training sample and needs index=: "
                 "pass the samples' dataset indices (wrap your dataset in auxlab.data.IndexedDataset)"
             )
         if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
@@ -48,7 +48,7 @@ class FixedLabelTable(AuxLabelGenerator):
             if low < 0 or high >= self.num_samples:
                 bad = low if low < 0 else high
                 raise ValueError(
-                    f"index has value {bad} but the {self.name!r} table covers {self.num_samples} training samples; "
+                    f"index has value {bad} but the {self.name or type(self).__name__!r} table covers {self.num_samples} training samples; "
                     f"indices must lie in [0, {self.num_samples})"
                 )
         return index.to(device=self.table.device, dtype=torch.long)
@@ -65,7 +65,7 @@ class FixedLabelTable(AuxLabelGenerator):
         if bool(outside.any()):
             b = int(outside.nonzero()[0, 0])
             raise ValueError(
-                f"sample with index {int(index[b])} has label y={int(y[b])} but the {self.name!r} table gives it "
+                f"sample with index {int(index[b])} has label y={int(y[b])} but the {self.name or type(self).__name__!r} table gives it "
                 f"auxiliary column {int(column[b])}, outside block {self.mask.block(int(y[b]))} of class {int(y[b])}; "
                 "index must be the sample's position in the dataset the strategy was built from"
             )

@@ -49,10 +49,10 @@ class AuxLabelGenerator(nn.Module):
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.name = name  # a subclass of a registered strategy is not registered under its parent's name
         if name is not None:
             if name in GENERATORS:
                 raise ValueError(f"a label generator named {name!r} is already registered ({GENERATORS[name].__name__})")
-            cls.name = name
             GENERATORS[name] = cls
 
     def __init__(self, mask: HierarchyMask) -> None:

@@ -34,8 +34,11 @@ def _call_and_check(wrapper: MetaAuxWrapper, call: str, *args: object, **kwargs:
     assert result is None or bool(torch.isfinite(result).all())
 
 
+# x keeps the feature width and a floating dtype the toy model can take: what a model accepts (an
+# integer batch for an embedding model, another width) is the model's own business, and its own
+# error. Batch size, dtype against the model's, labels and indices are auxlab's to check.
 @given(
-    x=tensors(shapes=st.tuples(st.integers(0, 5), st.sampled_from([6, 5])) | st.tuples(st.integers(0, 5)), dtypes=DTYPES, low=-3, high=4),
+    x=tensors(shapes=st.tuples(st.integers(0, 5), st.just(6)), dtypes=[torch.float32, torch.float64, torch.float16], low=-3, high=4),
     y=tensors(shapes=st.tuples(st.integers(0, 5)) | st.tuples(st.integers(0, 5), st.integers(1, 2)) | st.just(()), dtypes=DTYPES, low=-2, high=5),
     call=st.sampled_from(["loss", "meta_step", "aux_targets"]),
 )

@@ -1,0 +1,446 @@
+"""The experiment configuration: one frozen dataclass, loadable from JSON, overridable from the command line.
+
+This is the only module of auxlab that uses ``argparse``. Every field of :class:`ExperimentConfig`
+is a command-line option (``batch_size`` is ``--batch-size``); ``--config file.json`` loads a JSON
+object of fields first, ``--smoke`` applies a seconds-long budget on top of it, and options given
+on the command line win over both::
+
+    python -m auxlab.experiments --config base.json --smoke --strategies single,maxl
+
+Values are checked when the config is built, and an error names the field, the value received
+and what is allowed: ``ConfigError("epochs must be an integer >= 1, got 0")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SMOKE", "ConfigError", "ExperimentConfig", "build_parser", "load_config", "parse_args"]
+
+DATASETS = ("digits", "fashion-mnist", "folder")
+TASKS = ("fine", "coarse")
+SCHEDULES = ("per-batch", "alternating")
+BUILTIN_MODELS = ("small-cnn", "vgg-bn")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value received."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one comparison of auxiliary-label strategies depends on.
+
+    Each run trains one fresh model per (strategy, seed) pair with the same data, model, schedule
+    and budget; only the strategy (``generator=`` of :class:`~auxlab.MetaAuxWrapper`) differs.
+    Field values may be given as strings (as on the command line: ``seeds="0,1,2"``,
+    ``psi="4,1,1,3,1"``, ``limit_train="none"``); they are converted and checked on construction.
+    """
+
+    # --- data
+    dataset: str = field(default="digits", metadata=_help(
+        "digits (scikit-learn's 8x8 digits, seconds), fashion-mnist (local idx files), or folder (root/train/<class>/*.png and root/test/...)"))
+    task: str = field(default="fine", metadata=_help(
+        "fine: the dataset's own classes; coarse (fashion-mnist only): 5 groups as primary classes, the 10 fine classes as human labels"))
+    data_root: str | None = field(default=None, metadata=_help(
+        "directory of the data: fashion-mnist's idx files (default /usr/share/datasets/fashion-mnist), or the image folder (required)"))
+    image_mode: str = field(default="RGB", metadata=_help("folder only: L (1 grey channel) or RGB (3 channels)"))
+    image_size: int | None = field(default=None, metadata=_help("folder only: resize images to size x size; none keeps the files' size"))
+    val_fraction: float = field(default=0.1, metadata=_help(
+        "share of the training set carved out, stratified, as the validation set (the test set is used only for the final report)"))
+    data_seed: int = field(default=0, metadata=_help(
+        "seed of the data splits and subsets (digits train/test, validation, limit_*, the collapse subset); the same for every training seed"))
+    limit_train: int | None = field(default=None, metadata=_help(
+        "use a stratified subset of this many samples of the training set (before the validation split); none: all"))
+    limit_test: int | None = field(default=None, metadata=_help("use a stratified subset of this many test samples; none: all"))
+    # --- model and strategies
+    model: str = field(default="small-cnn", metadata=_help(
+        "small-cnn, vgg-bn, or any nn.Module class as package.module:Class (called with num_classes= and in_channels= if it takes them)"))
+    model_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        'extra keyword arguments for the model, as a JSON object, e.g. \'{"width": 16}\''))
+    strategies: tuple[str, ...] = field(default=("single", "random", "kmeans", "maxl"), metadata=_help(
+        "comma-separated strategies to compare: single, random, kmeans, human (needs fine labels: --task coarse), maxl, or any registered name"))
+    psi: tuple[int, ...] | None = field(default=None, metadata=_help(
+        "sub-classes per primary class: one int for all classes or one per class; none: the dataset's fine-label hierarchy if it has one "
+        "(fashion-mnist coarse: 4,1,1,3,1), else 5"))
+    kmeans_features: str = field(default="pixels", metadata=_help(
+        "features k-means clusters: pixels (the flattened inputs) or package.module:function mapping a batch x to (B, D) features"))
+    # --- training
+    schedule: str = field(default="per-batch", metadata=_help(
+        "per-batch: a model step then a meta step on every batch (the paper's algorithm); alternating: an epoch of model steps, "
+        "then an epoch of meta steps (the original code)"))
+    epochs: int = field(default=10, metadata=_help("training epochs per (strategy, seed)"))
+    batch_size: int = field(default=64, metadata=_help("training batch size (the original MAXL code: 100)"))
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_help(
+        "comma-separated training seeds: model initialisation, batch order and the strategy's own draws"))
+    lr: float = field(default=0.01, metadata=_help("learning rate of the classifier's SGD (paper: 0.01)"))
+    momentum: float = field(default=0.9, metadata=_help("momentum of the classifier's SGD (the original MAXL code: 0, plain SGD)"))
+    weight_decay: float = field(default=5e-4, metadata=_help("weight decay of the classifier's SGD (the original MAXL code: 0)"))
+    lr_step: int = field(default=0, metadata=_help(
+        "multiply both learning rates by lr_gamma every lr_step epochs (original code: 50, 0.5); 0: constant"))
+    lr_gamma: float = field(default=0.5, metadata=_help("factor of the step learning-rate schedule"))
+    generator_lr: float = field(default=1e-3, metadata=_help("learning rate of the label generator's SGD (original code: 1e-3)"))
+    generator_weight_decay: float = field(default=5e-4, metadata=_help("weight decay of the label generator's SGD"))
+    inner_lr: float | None = field(default=None, metadata=_help(
+        "learning rate of the meta step's virtual SGD step; none: the classifier's current lr, following its schedule (as in the paper and the original code)"))
+    aux_weight: float = field(default=1.0, metadata=_help("weight of the auxiliary loss (paper: 1.0)"))
+    entropy_weight: float = field(default=0.2, metadata=_help("weight of the generator's entropy regulariser (paper: 0.2)"))
+    focal_gamma: float = field(default=0.0, metadata=_help("0: cross entropy on both heads; 2: the paper's focal loss"))
+    engine: str = field(default="functional", metadata=_help(
+        "hypergradient engine of auxlab.engines: functional (exact, torch.func), higher, jvp (exact, forward mode) or finite_difference (first order)"))
+    meta_every: int = field(default=1, metadata=_help("take the meta step on every meta_every-th batch only; 1: every batch, as in the paper"))
+    virtual_params: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma-separated names or name prefixes of the parameters the virtual step moves (e.g. aux_head,model.classifier); none: all, as in the paper"))
+    max_batches: int | None = field(default=None, metadata=_help("stop each epoch (each phase, when alternating) after this many batches; none: all"))
+    device: str = field(default="cpu", metadata=_help("torch device to train on, e.g. cpu or cuda"))
+    threads: int | None = field(default=None, metadata=_help(
+        "torch CPU threads during the run (restored afterwards); none: torch's default. 1 is often fastest for the small models on a busy machine"))
+    # --- diagnostics and output
+    collapse_samples: int = field(default=1000, metadata=_help(
+        "size of the fixed, stratified subset of training samples on which the label-collapse diagnostic is measured each epoch; 0: all"))
+    eval_batch_size: int = field(default=500, metadata=_help("batch size of evaluation and of the collapse diagnostic"))
+    grid_classes: int = field(default=4, metadata=_help("primary classes shown in subclass_grid.png"))
+    grid_images: int = field(default=8, metadata=_help("example images per sub-class in subclass_grid.png"))
+    out: str = field(default="runs", metadata=_help("output directory; each run writes to <out>/<name>/"))
+    name: str | None = field(default=None, metadata=_help("run name; none: <dataset>-<task>-<date>-<time>. An existing run of that name is overwritten"))
+    plots: bool = field(default=True, metadata=_help("write the PNG plots (needs matplotlib)"))
+    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar per epoch (if tqdm is installed)"))
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _convert(f.name, getattr(self, f.name), hints[f.name]))
+        self._validate()
+
+    # ----------------------------------------------------------------------------------- checks
+    def _validate(self) -> None:
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("task", self.task, TASKS)
+        if self.task == "coarse" and self.dataset != "fashion-mnist":
+            raise ConfigError(f"task='coarse' exists only for dataset='fashion-mnist', got dataset={self.dataset!r}; use task='fine'")
+        if self.dataset == "folder" and not self.data_root:
+            raise ConfigError("dataset='folder' needs data_root, the directory holding train/<class>/*.png and test/<class>/*.png")
+        _choice("image_mode", self.image_mode, ("L", "RGB"))
+        _at_least("image_size", self.image_size, 1)
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        _at_least("data_seed", self.data_seed, 0)
+        _at_least("limit_train", self.limit_train, 2)
+        _at_least("limit_test", self.limit_test, 1)
+        if self.model not in BUILTIN_MODELS and not _is_dotted(self.model):
+            raise ConfigError(f"model must be one of {', '.join(BUILTIN_MODELS)} or an import path package.module:Class, got {self.model!r}")
+        if self.kmeans_features != "pixels" and not _is_dotted(self.kmeans_features):
+            raise ConfigError(f"kmeans_features must be 'pixels' or an import path package.module:function, got {self.kmeans_features!r}")
+        self._validate_strategies()
+        for i, p in enumerate(self.psi or ()):
+            if p < 1:
+                raise ConfigError(f"psi must hold integers >= 1 (sub-classes per class), got {p} at position {i} of psi={list(self.psi or ())}")
+        if self.psi is not None and not self.psi:
+            raise ConfigError("psi must not be empty: give one int for all classes, one per class, or none")
+        _choice("schedule", self.schedule, SCHEDULES)
+        for name in ("epochs", "batch_size", "eval_batch_size", "grid_images"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("grid_classes", self.grid_classes, 1)
+        _at_least("max_batches", self.max_batches, 1)
+        _at_least("threads", self.threads, 1)
+        _at_least("lr_step", self.lr_step, 0)
+        _at_least("collapse_samples", self.collapse_samples, 0)
+        if not self.seeds:
+            raise ConfigError("seeds must hold at least one seed, e.g. seeds=0 or seeds=0,1,2")
+        _no_duplicates("seeds", self.seeds)
+        for s in self.seeds:
+            _at_least("seeds", s, 0)
+        for name in ("lr", "generator_lr", "inner_lr", "lr_gamma"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        for name in ("momentum", "weight_decay", "generator_weight_decay", "aux_weight", "entropy_weight", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
+        from auxlab.engines import ENGINES
+
+        _choice("engine", self.engine, sorted(ENGINES))
+        _at_least("meta_every", self.meta_every, 1)
+        if self.virtual_params is not None and not self.virtual_params:
+            raise ConfigError("virtual_params must name at least one parameter prefix, or be none (all parameters)")
+        if not self.out:
+            raise ConfigError("out must be a directory path, got an empty string")
+        if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
+            raise ConfigError(f"name must be a plain directory name (no {os.sep!r}), got {self.name!r}")
+
+    def _validate_strategies(self) -> None:
+        from auxlab.generators import GENERATORS
+        from auxlab.wrapper import SINGLE_TASK
+
+        if not self.strategies:
+            raise ConfigError("strategies must name at least one strategy, e.g. strategies=single,maxl")
+        _no_duplicates("strategies", self.strategies)
+        known = sorted([SINGLE_TASK, *GENERATORS])
+        for s in self.strategies:
+            if s not in known:
+                close = difflib.get_close_matches(s, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"strategies has unknown strategy {s!r}{hint}; known strategies: {', '.join(known)}")
+
+    # ----------------------------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values (tuples become lists); ``from_dict`` reads it back."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        """Build a config from a mapping of field names; unknown names raise a ConfigError naming them."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a config must be a mapping of field names to values, got {type(values).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config field {key!r}{hint}; the fields are: {', '.join(names)}")
+        return cls(**dict(values))
+
+    def smoke(self) -> ExperimentConfig:
+        """This config with the :data:`SMOKE` budget: one epoch of a few batches on a small subset."""
+        return dataclasses.replace(self, **SMOKE)
+
+
+SMOKE: dict[str, Any] = {
+    "epochs": 1,
+    "max_batches": 3,
+    "limit_train": 300,
+    "limit_test": 200,
+    "collapse_samples": 200,
+    "seeds": (0,),
+}
+"""The ``--smoke`` budget: enough to check that a configuration runs end to end, in seconds."""
+
+
+# --------------------------------------------------------------------------------------- value conversion
+def _convert(name: str, value: Any, annotation: Any) -> Any:
+    """Convert ``value`` (a Python value, or a string from the command line) to the field's type."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    optional = type(None) in options
+    kind = next(o for o in options if o is not type(None))
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
+        return None
+    if value is None:
+        raise ConfigError(f"{name} must not be none; its default is {_default_of(name)!r}")
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        if isinstance(value, str):
+            parts: Sequence[Any] = [p.strip() for p in value.split(",") if p.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts = [value]
+        elif isinstance(value, Sequence):
+            parts = value
+        else:
+            raise ConfigError(f"{name} must be a comma-separated list, got {value!r}")
+        return tuple(_scalar(name, p, item) for p in parts)
+    if origin is dict or kind is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{name} must be a JSON object such as '{{\"width\": 16}}', got {value!r} ({error})") from error
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{name} must be a JSON object with string keys, got {value!r}")
+        return dict(value)
+    return _scalar(name, value, kind)
+
+
+def _scalar(name: str, value: Any, kind: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        elif (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if kind is float:
+        number: float | None = None
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value.strip()
+    raise TypeError(f"config field {name} has an unsupported type {kind!r}")  # a bug in this module, not in the input
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _default_of(name: str) -> Any:
+    f = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _no_duplicates(name: str, values: Sequence[Any]) -> None:
+    repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise ConfigError(f"{name} lists {', '.join(repeated)} more than once: {list(values)}")
+
+
+def _is_dotted(path: str) -> bool:
+    """``package.module:Name`` (or ``package.module.Name``)."""
+    module, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    return bool(module) and bool(attribute) and all(part.isidentifier() for part in [*module.split("."), *attribute.split(".")])
+
+
+# --------------------------------------------------------------------------------------- files and command line
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object of a config file (field name -> value), e.g. a run's ``config.json``."""
+    file = Path(path)
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {file} does not exist") from error
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config file {file} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {file} must hold a JSON object of field names to values, got {type(values).__name__}")
+    return values
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown_default(name: str) -> str:
+    value = _default_of(name)
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _program() -> str:
+    """``python -m auxlab.experiments``, or the name of the console script that runs it."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m auxlab.experiments" if script in ("", "__main__.py", "-c") or script.endswith(".py") else script
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: one option per config field, plus ``--config`` and ``--smoke``.
+
+    Every option defaults to "not given" (``argparse.SUPPRESS``), so that :func:`parse_args` can
+    tell what the command line set; the help shows each field's real default.
+    """
+    prog = prog or _program()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Compare auxiliary-label strategies (single task, random, k-means, human, MAXL) on one dataset and model, "
+        "over several seeds: per-epoch metrics, a summary table of final test accuracy and plots.",
+        epilog=f"Example: {prog} --dataset digits --strategies single,maxl --seeds 0,1,2 --epochs 10 --out runs/",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON file of config fields, applied before the options below")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny budget to check that it runs: {', '.join(f'{k}={_shown(v)}' for k, v in SMOKE.items())}")
+    hints = typing.get_type_hints(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        text = f"{f.metadata.get('help', '')} (default: {_shown_default(f.name)})"
+        if hints[f.name] is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, metavar=_metavar(f.name, hints[f.name]), help=text)
+    return parser
+
+
+_CHOICES = {"dataset": DATASETS, "task": TASKS, "schedule": SCHEDULES, "image_mode": ("L", "RGB")}
+
+
+def _metavar(name: str, annotation: Any) -> str:
+    if name == "engine":
+        from auxlab.engines import ENGINES
+
+        return "{" + ",".join(sorted(ENGINES)) + "}"
+    if name in _CHOICES:
+        return "{" + ",".join(_CHOICES[name]) + "}"
+    kind = next(o for o in (typing.get_args(annotation) if _is_union(annotation) else (annotation,)) if o is not type(None))
+    if typing.get_origin(kind) is tuple:
+        return "N[,N...]" if typing.get_args(kind)[0] is int else "NAME[,NAME...]"
+    return {int: "N", float: "X", str: "TEXT"}.get(kind, "JSON")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
+    """The config of a command line: defaults, then ``--config FILE``, then ``--smoke``, then the options given.
+
+    Raises:
+        ConfigError: a value is invalid (the message names the field).
+        SystemExit: the command line itself is malformed (unknown option), or ``--help``.
+    """
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file is not None:
+        values.update(load_config(config_file))
+    if args.pop("smoke", False):
+        values.update(SMOKE)
+    values.update(args)
+    return ExperimentConfig.from_dict(values)

@@ -1,0 +1,407 @@
+"""The experiments runner: config parsing, models, the training loop, the files it writes, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from auxlab import AuxLabelGenerator, MetaAuxWrapper
+from auxlab.datasets import FASHION_MNIST_ROOT, ImageDataset
+from auxlab.experiments import (
+    SMOKE,
+    VGGBN,
+    ConfigError,
+    ExperimentConfig,
+    SmallCNN,
+    build_model,
+    collapse_diagnostic,
+    load_task,
+    main,
+    parse_args,
+    run_experiment,
+)
+from auxlab.experiments.config import build_parser
+from auxlab.experiments.report import summarise
+from auxlab.experiments.run import _progress_bar
+from auxlab.hierarchy import HierarchyMask
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """The models here are tiny: one thread is faster than two, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path: Path, **changes: Any) -> ExperimentConfig:
+    """A config that trains in a fraction of a second per run on digits."""
+    values: dict[str, Any] = {
+        "dataset": "digits",
+        "strategies": ("single", "random", "kmeans", "maxl"),
+        "seeds": (0, 1),
+        "epochs": 1,
+        "max_batches": 2,
+        "batch_size": 32,
+        "limit_train": 200,
+        "limit_test": 100,
+        "collapse_samples": 100,
+        "threads": 1,
+        "progress": False,
+        "plots": False,
+        "out": str(tmp_path),
+        "name": "run",
+        "model_kwargs": {"width": 8},
+    }
+    values.update(changes)
+    return ExperimentConfig(**values)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def without_time(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+def assert_matplotlib_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG file"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert str(image.info.get("Software", "")).startswith("Matplotlib"), f"{path} was not written by matplotlib"
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
+# ------------------------------------------------------------------------------ config
+def test_defaults() -> None:
+    config = ExperimentConfig()
+    assert (config.dataset, config.task, config.model, config.schedule) == ("digits", "fine", "small-cnn", "per-batch")
+    assert config.strategies == ("single", "random", "kmeans", "maxl")
+    assert config.seeds == (0, 1, 2)
+    assert config.psi is None and config.inner_lr is None and config.limit_train is None
+    assert (config.lr, config.aux_weight, config.entropy_weight, config.focal_gamma) == (0.01, 1.0, 0.2, 0.0)
+    assert parse_args([]) == config
+
+
+def test_command_line_overrides() -> None:
+    config = parse_args([
+        "--dataset", "fashion-mnist", "--task", "coarse", "--strategies", "single,human,maxl", "--seeds", "0,1,2",
+        "--epochs", "10", "--out", "runs/", "--psi", "4,1,1,3,1", "--inner-lr", "none", "--lr", "0.05",
+        "--no-progress", "--model-kwargs", '{"width": 8}', "--schedule", "alternating", "--max-batches", "7",
+    ])
+    assert config.dataset == "fashion-mnist" and config.task == "coarse"
+    assert config.strategies == ("single", "human", "maxl")
+    assert config.seeds == (0, 1, 2) and config.epochs == 10 and config.out == "runs/"
+    assert config.psi == (4, 1, 1, 3, 1) and config.inner_lr is None and config.lr == 0.05
+    assert config.progress is False and config.model_kwargs == {"width": 8}
+    assert config.schedule == "alternating" and config.max_batches == 7
+    assert parse_args(["--psi", "2"]).psi == (2,)
+
+
+def test_config_file_then_smoke_then_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps({"epochs": 3, "batch_size": 32, "strategies": ["single", "maxl"], "limit_train": 500}))
+    config = parse_args(["--config", str(path), "--epochs", "5"])
+    assert (config.epochs, config.batch_size, config.strategies, config.limit_train) == (5, 32, ("single", "maxl"), 500)
+    smoke = parse_args(["--config", str(path), "--smoke", "--epochs", "2"])
+    assert smoke.epochs == 2 and smoke.max_batches == SMOKE["max_batches"] and smoke.limit_train == SMOKE["limit_train"]
+    assert ExperimentConfig().smoke().epochs == 1
+
+
+def test_round_trip_through_json() -> None:
+    config = ExperimentConfig(psi=(4, 1, 1, 3, 1), dataset="fashion-mnist", task="coarse", model_kwargs={"width": 8}, name="x")
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["--epochs", "ten"], "epochs must be an integer, got 'ten'"),
+        (["--lr", "-0.1"], "lr must be > 0"),
+        (["--lr", "nan"], "lr must be a finite number"),
+        (["--momentum", "1.5"], "momentum must lie in"),
+        (["--strategies", "single,maxxl"], "did you mean 'maxl'"),
+        (["--strategies", "single,single"], "strategies lists single more than once"),
+        (["--seeds", "0,0"], "seeds lists 0 more than once"),
+        (["--seeds", "0,x"], "seeds must be an integer"),
+        (["--schedule", "weekly"], "schedule must be one of 'per-batch', 'alternating'"),
+        (["--task", "coarse"], "task='coarse' exists only for dataset='fashion-mnist'"),
+        (["--dataset", "cifar"], "dataset must be one of"),
+        (["--dataset", "folder"], "dataset='folder' needs data_root"),
+        (["--psi", "3,0"], "psi must hold integers >= 1"),
+        (["--model", "not a path"], "model must be one of"),
+        (["--model-kwargs", "{bad"], "model_kwargs must be a JSON object"),
+        (["--val-fraction", "1"], "val_fraction must lie in (0, 1)"),
+        (["--engine", "nope"], "engine must be one of"),
+        (["--meta-every", "0"], "meta_every must be an integer >= 1"),
+        (["--progress", "--name", "a/b"], "name must be a plain directory name"),
+    ],
+)
+def test_bad_values_name_the_field(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(argv)
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epoch": 3}))
+    with pytest.raises(ConfigError, match=r"unknown config field 'epoch' \(did you mean 'epochs'\?\)"):
+        parse_args(["--config", str(path)])
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_args(["--config", str(tmp_path / "missing.json")])
+
+
+def test_help_lists_every_field_with_its_default() -> None:
+    text = " ".join(build_parser().format_help().split())
+    for name, flag, default in [
+        ("dataset", "--dataset", "digits"), ("seeds", "--seeds", "0,1,2"), ("psi", "--psi", "none"),
+        ("batch_size", "--batch-size", "64"), ("progress", "--progress", "true"), ("model_kwargs", "--model-kwargs", "{}"),
+    ]:
+        assert flag in text and f"(default: {default})" in text, name
+    for field_name in ExperimentConfig.__dataclass_fields__:
+        assert "--" + field_name.replace("_", "-") in text, field_name
+
+
+def test_docs_describe_every_field() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "experiments.md").read_text(encoding="utf-8")
+    missing = [name for name in ExperimentConfig.__dataclass_fields__ if f"| `{name}` |" not in text]
+    assert not missing, f"docs/experiments.md has no row for the config fields {missing}"
+
+
+def test_main_reports_a_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--epochs", "0"]) == 2
+    assert "epochs must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ models
+@pytest.mark.parametrize("model_class", [SmallCNN, VGGBN])
+@pytest.mark.parametrize(("channels", "size"), [(1, 8), (1, 28), (3, 32), (3, 5)])
+def test_models_fit_every_input_size(model_class: type, channels: int, size: int) -> None:
+    model = model_class(num_classes=7, in_channels=channels, width=4)
+    assert model(torch.zeros(2, channels, size, size)).shape == (2, 7)
+    MetaAuxWrapper(model, num_classes=7, psi=2)  # the wrapper finds the primary head
+
+
+def test_build_model_by_name_and_import_path() -> None:
+    assert isinstance(build_model("vgg-bn", num_classes=3, in_channels=1), VGGBN)
+    model = build_model("auxlab.experiments.models:SmallCNN", num_classes=3, in_channels=3, kwargs={"width": 4})
+    assert isinstance(model, SmallCNN) and model(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
+    tiny_cnn = build_model("helpers:TinyCNN", num_classes=4, in_channels=1)  # takes num_classes, not in_channels
+    assert tiny_cnn(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        build_model("no_such_module:Net", num_classes=3, in_channels=1)
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        build_model("auxlab.experiments.models:Nope", num_classes=3, in_channels=1)
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        build_model("collections:OrderedDict", num_classes=3, in_channels=1)
+
+
+# ------------------------------------------------------------------------------ collapse diagnostic
+class _OneSubclass(AuxLabelGenerator):
+    """Every sample of class c takes sub-class 0 of block c: total collapse."""
+
+    def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+        return self.one_hot(self.mask.column(y, torch.zeros_like(y)))
+
+
+class _RoundRobin(AuxLabelGenerator):
+    """Sample i takes sub-class i mod psi[y]: every sub-class used equally."""
+
+    needs_index = True
+
+    def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+        assert index is not None
+        return self.one_hot(self.mask.column(y, index % self.mask.sizes_of(y)))
+
+
+def test_collapse_diagnostic_definition() -> None:
+    # 30 consecutive samples per class, so that index mod psi spreads each class evenly.
+    data = ImageDataset(torch.rand(300, 1, 8, 8), torch.arange(300) // 30, tuple("abcdefghij"))
+    mask = HierarchyMask([1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+    probe = torch.arange(300)
+    collapsed = MetaAuxWrapper(SmallCNN(width=4), num_classes=10, mask=mask, generator=_OneSubclass(mask))
+    stats, columns = collapse_diagnostic(collapsed, data, probe, batch_size=64, device=torch.device("cpu"))
+    assert stats["subclasses_used"] == [1] * 10
+    assert stats["subclass_entropy"] == [0.0] * 10
+    assert all(share[0] == 1.0 and sum(share) == 1.0 for share in stats["subclass_share"])
+    assert stats["target_confidence"] == [1.0] * 10 and stats["subclass_soft_share"] == stats["subclass_share"]
+    assert columns.shape == (300,)
+
+    spread = MetaAuxWrapper(SmallCNN(width=4), num_classes=10, mask=mask, generator=_RoundRobin(mask))
+    stats, _ = collapse_diagnostic(spread, data, probe, batch_size=64, device=torch.device("cpu"))
+    assert stats["subclasses_used"] == list(mask.psi)
+    for c, entropy in enumerate(stats["subclass_entropy"]):
+        assert entropy == pytest.approx(math.log(mask.psi[c]), abs=0.05)
+
+
+# ------------------------------------------------------------------------------ summary statistics
+def test_summary_gain_and_its_standard_error() -> None:
+    def rec(strategy: str, seed: int, acc: float) -> dict[str, Any]:
+        return {"strategy": strategy, "seed": seed, "epoch": 1, "test_acc": acc, "val_acc": acc, "time_s": 1.0,
+                "subclasses_used": None if strategy == "single" else [2, 3]}
+
+    records = [rec("single", s, a) for s, a in enumerate([0.90, 0.92, 0.94])]
+    records += [rec("maxl", s, a) for s, a in enumerate([0.95, 0.96, 0.97])]
+    records += [rec("random", s, a) for s, a in enumerate([0.89, 0.93, 0.95])]
+    single, maxl, random = summarise(records)
+    assert single.gain is None and single.beyond_noise is None
+    assert maxl.test_mean == pytest.approx(0.96) and maxl.test_std == pytest.approx(0.01)
+    assert maxl.gain == pytest.approx(0.04)
+    assert maxl.gain_se == pytest.approx(math.sqrt(0.01**2 / 3 + 0.02**2 / 3))
+    assert maxl.beyond_noise is True and random.beyond_noise is False
+    assert maxl.subclasses_used == 5
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_end_to_end_on_digits_writes_every_file(tmp_path: Path) -> None:
+    config = tiny(tmp_path, epochs=2, max_batches=1, plots=True)
+    lines: list[str] = []
+    rng = torch.get_rng_state()
+    result = run_experiment(config, log=lines.append)
+    assert torch.equal(torch.get_rng_state(), rng), "the run changed the caller's random state"
+    run_dir = tmp_path / "run"
+    assert result.run_dir == run_dir
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "summary.md", "accuracy_curves.png", "collapse.png", "subclass_grid.png"):
+        assert (run_dir / name).is_file(), name
+    for name in ("accuracy_curves.png", "collapse.png", "subclass_grid.png"):
+        assert_matplotlib_png(run_dir / name)
+
+    assert ExperimentConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == result.config
+    assert result.config.psi == (5,) * 10
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records == json.loads(json.dumps(result.records))
+    assert len(records) == 4 * 2 * 3  # strategies x seeds x epochs 0 (before training), 1, 2
+    for r in records:
+        assert (r["test_acc"] is None) == (r["epoch"] != 2), "the test set is read only after the last epoch"
+        assert r["batches"] == min(r["epoch"], 1) and 0 <= r["val_acc"] <= 1
+        assert (r["train_loss"] is None) == (r["epoch"] == 0)
+        if r["strategy"] == "single":
+            assert r["subclasses_used"] is None and r["labels"] == "none"
+        else:
+            assert len(r["subclasses_used"]) == 10 and all(1 <= u <= 5 for u in r["subclasses_used"])
+            assert all(sum(share) == pytest.approx(1.0) for share in r["subclass_share"])
+    assert {r["strategy"]: r["labels"] for r in records} == {"single": "none", "random": "fixed", "kmeans": "fixed", "maxl": "learned"}
+    assert all((r["meta_loss"] is not None) == (r["strategy"] == "maxl" and r["epoch"] > 0) for r in records)
+
+    with (run_dir / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(records) and {"used_9", "entropy_0", "confidence_0"} <= set(rows[0])
+    assert all(c == 1.0 for r in records if r["labels"] == "fixed" for c in r["target_confidence"])
+    assert all(0.1 <= c <= 1.0 for r in records if r["labels"] == "learned" for c in r["target_confidence"])
+
+    summary = (run_dir / "summary.md").read_text()
+    table = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| strategy")]
+    assert [line.split("|")[1].strip() for line in table] == ["single", "random", "kmeans", "maxl"]
+    assert "after the last epoch (epoch 2)" in summary
+    assert summary in "\n".join(lines)  # printed at the end
+
+
+def test_same_config_twice_gives_identical_metrics(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("random", "maxl"), seeds=(3,), epochs=2)
+    first = run_experiment(config, log=quiet)
+    second = run_experiment(replace(config, name="again"), log=quiet)
+    assert without_time(first.records) == without_time(second.records)
+    other_seed = run_experiment(replace(config, name="seed4", seeds=(4,)), log=quiet)
+    assert without_time(other_seed.records) != without_time(first.records)
+
+
+def test_alternating_schedule(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("single", "maxl"), seeds=(0,), schedule="alternating")
+    result = run_experiment(config, log=quiet)
+    maxl = [r for r in result.records if r["strategy"] == "maxl"]
+    assert maxl[-1]["meta_loss"] is not None and maxl[-1]["batches"] == 2
+    per_batch = run_experiment(replace(config, name="per-batch", schedule="per-batch"), log=quiet)
+    assert without_time(per_batch.records) != without_time(result.records)
+
+
+def test_cheaper_meta_steps(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("maxl",), seeds=(0,), meta_every=2, virtual_params=("aux_head", "model.classifier"),
+                  engine="finite_difference", max_batches=3)
+    result = run_experiment(config, log=quiet)
+    assert result.records[-1]["meta_loss"] is not None
+    assert "a meta step every 2 batches, virtual step on aux_head, model.classifier only" in result.summary
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        run_experiment(replace(config, virtual_params=("nope",)), log=quiet)
+
+
+def test_image_folder_dataset(tmp_path: Path) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for c, name in enumerate(("cat", "dog", "fox")):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(10, 10, 3, generator=g) * 80 + 60 * c).to(torch.uint8).numpy()
+                Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+    config = tiny(tmp_path / "out", dataset="folder", data_root=str(tmp_path / "images"), strategies=("single", "kmeans", "maxl"),
+                  psi=(2,), limit_train=None, limit_test=None, val_fraction=0.25, seeds=(0,), plots=True)
+    result = run_experiment(config, log=quiet)
+    assert result.config.psi == (2, 2, 2)
+    assert "3 classes" in result.summary and "27 train / 9 validation / 12 test" in result.summary
+    assert_matplotlib_png(result.files["subclass_grid"])
+
+
+def test_human_needs_fine_labels(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="strategy 'human' needs the dataset's fine labels"):
+        run_experiment(tiny(tmp_path, strategies=("single", "human")), log=quiet)
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(), reason=f"Fashion-MNIST is not installed at {FASHION_MNIST_ROOT}")
+def test_fashion_mnist_coarse_task_with_human_labels(tmp_path: Path) -> None:
+    config = tiny(tmp_path, dataset="fashion-mnist", task="coarse", strategies=("single", "human", "maxl"), seeds=(0,),
+                  limit_train=300, limit_test=100, collapse_samples=0)
+    result = run_experiment(config, log=quiet)
+    assert result.config.psi == (4, 1, 1, 3, 1)
+    assert "270 train / 30 validation / 100 test images of 1x28x28, 5 classes" in result.summary
+    # Human labels are the fine classes: each sub-class's share is its fine class's share of the coarse class.
+    train = load_task(result.config).train
+    assert train.fine_labels is not None
+    human = next(r for r in result.records if r["strategy"] == "human")
+    for c, fines in enumerate([(0, 2, 4, 6), (1,), (3,), (5, 7, 9), (8,)]):
+        in_class = train.fine_labels[train.labels == c]
+        expected = [float((in_class == f).double().mean()) for f in fines]
+        assert human["subclass_share"][c] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match=r"one sub-class per fine label, psi=\[4, 1, 1, 3, 1\]"):
+        run_experiment(replace(config, psi=(2,)), log=quiet)
+
+
+# ------------------------------------------------------------------------------ odds and ends
+def test_no_progress_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    assert _progress_bar(3, "epoch", True) is None
+    assert _progress_bar(3, "epoch", False) is None
+
+
+def test_module_entry_point(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "auxlab.experiments", "--smoke", "--strategies", "single", "--no-plots", "--no-progress",
+         "--threads", "1", "--limit-train", "100", "--out", str(tmp_path), "--name", "cli"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "| single |" in completed.stdout
+    assert (tmp_path / "cli" / "summary.md").is_file()

@@ -30,7 +30,7 @@ from torch.func import functional_call
 from auxlab.losses import classification_loss, soft_target_coefficients
 from auxlab.multitask import MultiTaskNet
 
-__all__ = ["ENGINES", "FINITE_DIFFERENCE_SCALE", "MetaProblem", "get_engine", "virtual_step"]
+__all__ = ["ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "MetaProblem", "SharedStep", "get_engine", "linearised_step", "virtual_step"]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
 FINITE_DIFFERENCE_SCALE = 0.01
@@ -74,10 +74,15 @@ class MetaProblem:
         return {name: b.clone() for name, b in self.net.named_buffers()}
 
     def inner_loss(self, primary: Tensor, aux: Tensor | None, targets: Tensor) -> Tensor:
-        """``L_pri + aux_weight * L_aux`` of the virtual step, written as linear in ``targets``."""
+        """``L_pri + aux_weight * L_aux`` of the virtual step."""
+        primary_loss, aux_loss = self.loss_terms(primary, aux, targets)
+        return primary_loss + self.aux_weight * aux_loss
+
+    def loss_terms(self, primary: Tensor, aux: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L_pri, L_aux)`` on ``(x, y)``; ``L_aux`` written as linear in ``targets``."""
         assert aux is not None
         coefficients = soft_target_coefficients(aux, focal_gamma=self.focal_gamma)
-        return self.primary_loss(primary, self.y) + self.aux_weight * (targets * coefficients).sum()
+        return self.primary_loss(primary, self.y), (targets * coefficients).sum()
 
     def primary_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return classification_loss(logits, y, focal_gamma=self.focal_gamma)
@@ -136,20 +141,50 @@ def central_difference(function: Callable[[dict[str, Tensor]], Tensor], at: dict
     return difference
 
 
-def linearised_engine(problem: MetaProblem, derivative: DirectionalDerivative) -> Tensor:
+@dataclass(frozen=True)
+class SharedStep:
+    """A model step and a meta step computed together (:func:`linearised_step`).
+
+    Attributes:
+        primary: ``(B, C)`` primary logits at theta, detached.
+        primary_loss, aux_loss: the model step's loss terms at theta (targets detached).
+        grads: gradient of ``primary_loss + aux_weight * aux_loss`` for every trainable parameter
+            of the network, by name (None where a parameter is unused): the model step's gradient.
+        buffers: the network's buffers after the forward pass at theta (BatchNorm statistics), for
+            the caller to commit.
+        surrogate: as an engine's result: value ``L_pri(theta')``, gradient with respect to the
+            targets that of ``L_pri(theta')``.
+    """
+
+    primary: Tensor
+    primary_loss: Tensor
+    aux_loss: Tensor
+    grads: dict[str, Tensor | None]
+    buffers: dict[str, Tensor]
+    surrogate: Tensor
+
+
+def linearised_step(problem: MetaProblem, derivative: DirectionalDerivative) -> SharedStep:
     """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
 
-    First-order gradients only: ``g`` at theta, ``u`` at theta', then one directional derivative
-    of the auxiliary loss's coefficients ``c(theta)`` along ``u``.
+    First-order gradients only: ``g`` at theta (which is also the model step's gradient), ``u``
+    at theta', then one directional derivative of the auxiliary loss's coefficients ``c(theta)``
+    along ``u``.
     """
-    live = problem.parameters()
-    params = {name: p.detach() for name, p in live.items()}
-    buffers = problem.buffer_copies()
+    every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+    virtual = problem.parameters()
+    step_buffers = problem.buffer_copies()
     with torch.enable_grad():
-        primary, aux = functional_call(problem.net, (live, buffers), (problem.x,))
-        grads = torch.autograd.grad(problem.inner_loss(primary, aux, problem.targets.detach()), list(live.values()), allow_unused=True)
-        moved = {name: p.requires_grad_() for name, p in virtual_step(params, grads, problem.inner_lr).items()}
-        primary_meta, _ = functional_call(problem.net, (moved, buffers), (problem.x_meta,), {"with_aux": False})
+        primary, aux = functional_call(problem.net, (every, step_buffers), (problem.x,))
+        primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
+        gradients = torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), allow_unused=True)
+        grads: dict[str, Tensor | None] = dict(zip(every, gradients))
+        params = {name: p.detach() for name, p in virtual.items()}
+        moved = {
+            name: p.requires_grad_()
+            for name, p in virtual_step(params, [grads[name] for name in params], problem.inner_lr).items()
+        }
+        primary_meta, _ = functional_call(problem.net, (moved, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
         meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
         u_list = torch.autograd.grad(meta_loss, list(moved.values()), allow_unused=True)
     u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
@@ -162,7 +197,19 @@ def linearised_engine(problem: MetaProblem, derivative: DirectionalDerivative) -
     with torch.no_grad():
         target_gradient = -problem.inner_lr * problem.aux_weight * derivative(coefficients, params, u)
     linear = (problem.targets * target_gradient).sum()
-    return meta_loss.detach() + linear - linear.detach()
+    return SharedStep(
+        primary=primary.detach(),
+        primary_loss=primary_loss.detach(),
+        aux_loss=aux_loss.detach(),
+        grads=grads,
+        buffers=step_buffers,
+        surrogate=meta_loss.detach() + linear - linear.detach(),
+    )
+
+
+def linearised_engine(problem: MetaProblem, derivative: DirectionalDerivative) -> Tensor:
+    """An engine on :func:`linearised_step`."""
+    return linearised_step(problem, derivative).surrogate
 
 
 def jvp_engine(problem: MetaProblem) -> Tensor:
@@ -174,6 +221,9 @@ def finite_difference_engine(problem: MetaProblem) -> Tensor:
     """Approximate (O(eps^2)): two extra forward passes instead of the Jacobian-vector product."""
     return linearised_engine(problem, central_difference)
 
+
+#: Engines whose work can be shared with the model step (``MetaAuxWrapper.step``), by their derivative.
+SHARED_DERIVATIVES: dict[str, DirectionalDerivative] = {"jvp": forward_mode, "finite_difference": central_difference}
 
 ENGINES: dict[str, Engine] = {
     "functional": functional_engine,

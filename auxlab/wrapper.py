@@ -6,13 +6,13 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from auxlab._seeding import seeded
-from auxlab.engines import MetaProblem, get_engine
+from auxlab.engines import SHARED_DERIVATIVES, MetaProblem, get_engine, linearised_step
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.losses import classification_loss, negative_batch_entropy
@@ -29,6 +29,12 @@ _STATE_FORMAT = 1
 def default_generator_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The original MAXL code's generator optimizer: SGD, lr 1e-3, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
+
+
+class _GeneratorUpdate(NamedTuple):
+    objective: Tensor
+    params: list[nn.Parameter]
+    grads: tuple[Tensor | None, ...]
 
 
 def _call_on_buffer_copies(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -309,6 +315,10 @@ class MetaAuxWrapper(nn.Module):
         """
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
+        return self._model_loss(x, y, index)[0]
+
+    def _model_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, bool]:
+        """:meth:`loss` after its input checks, and whether the loss was finite."""
         self.steps["model"] += 1
         (primary, aux), statistics = _call_on_buffer_copies(self._net, x, with_aux=self.generator is not None)
         self._check_primary(primary, x)
@@ -322,9 +332,9 @@ class MetaAuxWrapper(nn.Module):
             loss = primary_loss + self.aux_weight * aux_loss
             terms = {"primary loss": primary_loss, "auxiliary loss": aux_loss}
         if not self._finite("model", loss, **terms):
-            return self._zero_loss()
+            return self._zero_loss(), False
         _commit_buffers(self._net, statistics)  # the model's BatchNorm statistics move once, on a finite batch
-        return loss
+        return loss, True
 
     def meta_step(
         self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *, index: Tensor | None = None
@@ -354,41 +364,125 @@ class MetaAuxWrapper(nn.Module):
             FloatingPointError: if the meta objective or the hypergradient is not finite and
                 ``nonfinite="raise"``; the generator is then left unchanged.
         """
+        y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
+        if not self._meta_due():
+            return None
+        targets, statistics = self._targets(x, y, index)
+        meta_primary = get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta))
+        update = self._hypergradient(meta_primary, targets)
+        if update is None:
+            return None
+        self._update_generator(statistics, update)
+        return update.objective
+
+    def step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        index: Tensor | None = None,
+        x_meta: Tensor | None = None,
+        y_meta: Tensor | None = None,
+    ) -> Tensor:
+        """A model step and a meta step on one batch, sharing their work.
+
+        Equivalent to ``loss = loss(x, y)``, then ``meta_step(x, y, ...)``, then ``zero_grad``,
+        ``loss.backward()`` and ``optimizer.step()``: both steps are taken at the same theta and
+        phi (the model step uses the targets from before the generator's update, the meta step
+        the parameters from before the model's update). With ``engine="jvp"`` or ``"finite_difference"`` the two share
+        the generator's forward pass and the gradient at theta, which the virtual step needs and
+        the model step applies; with the second-order engines they run one after the other.
+        ``step`` sets the parameters' ``.grad`` itself (any earlier gradient is replaced).
+
+        Args:
+            x, y, index, x_meta, y_meta: as in :meth:`meta_step`.
+            optimizer: the optimizer of ``wrapper.parameters()``, stepped once.
+
+        Returns:
+            The model step's loss, detached.
+
+        Raises:
+            FloatingPointError: as :meth:`loss` and :meth:`meta_step`, before anything changes.
+        """
+        y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
+        due = self._meta_due()
+        if not due or self.engine not in SHARED_DERIVATIVES:
+            if due:
+                targets, statistics = self._targets(x, y, index)
+                update = self._hypergradient(get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta)), targets)
+            loss, model_finite = self._model_loss(x, y, index)
+            if due and update is not None:
+                self._update_generator(statistics, update)
+            if model_finite:
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(loss)
+                optimizer.step()
+            return loss.detach()
+        self.steps["model"] += 1
+        targets, statistics = self._targets(x, y, index)
+        shared = linearised_step(self._problem(x, y, targets, x_meta, y_meta), SHARED_DERIVATIVES[self.engine])
+        self._check_primary(shared.primary, x)
+        loss = shared.primary_loss + self.aux_weight * shared.aux_loss
+        model_finite = self._finite("model", loss, **{"primary loss": shared.primary_loss, "auxiliary loss": shared.aux_loss})
+        update = self._hypergradient(shared.surrogate, targets)  # raises before anything changed, if it must
+        if model_finite:
+            _commit_buffers(self._net, shared.buffers)
+            optimizer.zero_grad(set_to_none=True)
+            for name, p in self._net.named_parameters():
+                if p.requires_grad:
+                    p.grad = shared.grads[name]
+            optimizer.step()
+        if update is not None:
+            self._update_generator(statistics, update)
+        return loss
+
+    def _check_meta_inputs(
+        self, x: Tensor, y: Tensor, x_meta: Tensor | None, y_meta: Tensor | None, index: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Checked ``(y, x_meta, y_meta)``; the meta batch defaults to ``(x, y)``."""
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
         if (x_meta is None) != (y_meta is None):
             raise ValueError("give both x_meta and y_meta, or neither (then the meta loss uses x, y)")
         if x_meta is None or y_meta is None:
-            x_meta, y_meta = x, y
-        else:
-            y_meta = self._check_batch(x_meta, y_meta, "x_meta", "y_meta")
+            return y, x, y
+        return y, x_meta, self._check_batch(x_meta, y_meta, "x_meta", "y_meta")
+
+    def _meta_due(self) -> bool:
+        """Whether this call takes a meta step: the generator learns, and ``meta_every`` says so."""
         if self.generator is None or self._generator_optimizer is None:
-            return None
+            return False
         self.steps["meta"] += 1
-        if (self.steps["meta"] - 1) % self.meta_every:
-            return None
-        targets, statistics = self._targets(x, y, index)
-        meta_primary = get_engine(self.engine)(
-            MetaProblem(
-                net=self._net, x=x, y=y, targets=targets, x_meta=x_meta, y_meta=y_meta, inner_lr=self.inner_lr,
-                aux_weight=self.aux_weight, focal_gamma=self.focal_gamma, virtual_params=self._virtual_params,
-            )
+        return (self.steps["meta"] - 1) % self.meta_every == 0
+
+    def _problem(self, x: Tensor, y: Tensor, targets: Tensor, x_meta: Tensor, y_meta: Tensor) -> MetaProblem:
+        return MetaProblem(
+            net=self._net, x=x, y=y, targets=targets, x_meta=x_meta, y_meta=y_meta, inner_lr=self.inner_lr,
+            aux_weight=self.aux_weight, focal_gamma=self.focal_gamma, virtual_params=self._virtual_params,
         )
+
+    def _hypergradient(self, meta_primary: Tensor, targets: Tensor) -> _GeneratorUpdate | None:
+        """The generator's gradient of ``meta_primary + entropy_weight * entropy``; None if skipped as non-finite."""
+        assert self.generator is not None
         entropy_term = negative_batch_entropy(targets)
         objective = meta_primary + self.entropy_weight * entropy_term
         params = [p for p in self.generator.parameters() if p.requires_grad]
         grads = torch.autograd.grad(objective, params, allow_unused=True)
         present = [g for g in grads if g is not None]
         gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
-        if not self._finite("meta", objective, **{"primary loss at theta'": meta_primary, "entropy term": entropy_term, "hypergradient norm": gradient_norm}):
+        terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term, "hypergradient norm": gradient_norm}
+        if not self._finite("meta", objective + gradient_norm, **terms):
             return None
+        return _GeneratorUpdate(objective.detach(), params, grads)
+
+    def _update_generator(self, statistics: Mapping[str, Tensor], update: _GeneratorUpdate) -> None:
+        assert self.generator is not None and self._generator_optimizer is not None
         _commit_buffers(self.generator, statistics)  # the generator's BatchNorm statistics move in its own step
-        optimizer = self._generator_optimizer
-        optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(params, grads):
+        self._generator_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(update.params, update.grads):
             p.grad = g
-        optimizer.step()
-        return objective.detach()
+        self._generator_optimizer.step()
 
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True

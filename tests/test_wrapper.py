@@ -561,3 +561,66 @@ def test_a_fixed_generator_with_batchnorm_does_not_move_its_statistics() -> None
     wrapper.aux_targets(x, y)
     assert wrapper.meta_step(x, y) is None
     assert_unchanged(wrapper.generator, before)
+
+
+# ------------------------------------------------------------------------------ the fused step
+def _pair(engine: str, **kwargs: object) -> tuple[MetaAuxWrapper, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    wrapper = MetaAuxWrapper(
+        TinyBNNet().double(), num_classes=3, psi=[1, 2, 3], engine=engine, inner_lr=0.3,
+        generator_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), **kwargs,  # type: ignore[arg-type]
+    )
+    return wrapper, torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("engine", ["functional", "higher", "jvp", "finite_difference"])
+def test_step_equals_loss_then_meta_step_then_the_model_update(engine: str) -> None:
+    fused, fused_optimizer = _pair(engine)
+    apart, apart_optimizer = _pair(engine)
+    for seed in range(3):
+        x, y = batch(9, seed=seed, dtype=torch.float64)
+        loss = fused.step(x, y, fused_optimizer)
+        expected = apart.loss(x, y)
+        apart.meta_step(x, y)
+        apart_optimizer.zero_grad()
+        expected.backward()
+        apart_optimizer.step()
+        assert torch.allclose(loss, expected.detach(), rtol=0, atol=1e-12)
+    after_fused, after_apart = snapshot(fused), snapshot(apart)
+    for key, value in after_apart.items():
+        assert torch.allclose(after_fused[key].double(), value.double(), rtol=0, atol=1e-9), key
+    assert fused.steps == apart.steps == {"model": 3, "meta": 3}
+
+
+def test_step_follows_meta_every_and_fixed_strategies() -> None:
+    wrapper, optimizer = _pair("jvp", meta_every=2)
+    changed = []
+    for seed in range(4):
+        before = snapshot(wrapper.generator)
+        model_before = snapshot(wrapper.model)
+        wrapper.step(*batch(9, seed=seed, dtype=torch.float64), optimizer)
+        changed.append(any(not torch.equal(v, snapshot(wrapper.generator)[k]) for k, v in before.items()))
+        assert any(not torch.equal(v, snapshot(wrapper.model)[k]) for k, v in model_before.items())
+    assert changed == [True, False, True, False]
+
+    fixed = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2, generator="random", generator_kwargs={"num_samples": 9})
+    x, y = batch(9)
+    assert torch.isfinite(fixed.step(x, y, torch.optim.SGD(fixed.parameters(), lr=0.1), index=torch.arange(9)))
+
+
+@pytest.mark.parametrize("engine", ["functional", "jvp"])
+def test_step_on_a_nan_batch_raises_or_skips_without_changing_anything(engine: str) -> None:
+    wrapper, optimizer = _pair(engine)
+    x, y = batch(9, dtype=torch.float64)
+    x[0, 0] = float("nan")
+    before = snapshot(wrapper)
+    with pytest.raises(FloatingPointError, match="non-finite loss at (model|meta) step 1"):
+        wrapper.step(x, y, optimizer)
+    assert_unchanged(wrapper, before)
+    assert not optimizer.state
+
+    wrapper.nonfinite = "skip"
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        wrapper.step(x, y, optimizer)
+    assert_unchanged(wrapper, before)
+    assert not optimizer.state and sum(wrapper.skipped_steps.values()) >= 1

@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="one epoch of two batches, one seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 1 is fastest for this tiny model")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     epochs, seeds, max_batches = (1, 1, 2) if args.smoke else (args.epochs, args.seeds, None)
     for generator in ("single", "maxl"):
         start = time.perf_counter()

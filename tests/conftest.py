@@ -1,7 +1,12 @@
 import os
 import sys
 
+import torch
 from hypothesis import settings
+
+# The tests use tiny models, for which one intra-op thread is fastest, and a busy 2-core machine
+# with two threads per process slows down several-fold.
+torch.set_num_threads(1)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -32,7 +32,7 @@ def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 
             f"target must be {kind} for logits of shape (B, K); got logits {tuple(logits.shape)} and "
             f"{target.dtype} target {tuple(target.shape)}"
         )
-    log_p = torch.log_softmax(logits, dim=1)
+    log_p = _log_softmax(logits)
     if not target.is_floating_point():
         log_p = log_p.gather(1, target[:, None]).squeeze(1)
         if focal_gamma:
@@ -57,10 +57,17 @@ def soft_target_coefficients(logits: Tensor, *, focal_gamma: float = 0.0, log_p:
         ``(B, K)`` coefficients.
     """
     if log_p is None:
-        log_p = torch.log_softmax(logits, dim=1)
+        log_p = _log_softmax(logits)
     if focal_gamma:
         log_p = _focal_factor(log_p, focal_gamma) * log_p
     return log_p / -logits.shape[0]
+
+
+def _log_softmax(logits: Tensor) -> Tensor:
+    """Row-wise log-softmax; half-precision logits (e.g. under autocast) are computed in float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return torch.log_softmax(logits, dim=1, dtype=torch.float32)
+    return torch.log_softmax(logits, dim=1)
 
 
 def _focal_factor(log_p: Tensor, gamma: float) -> Tensor:

@@ -624,3 +624,22 @@ def test_step_on_a_nan_batch_raises_or_skips_without_changing_anything(engine: s
         wrapper.step(x, y, optimizer)
     assert_unchanged(wrapper, before)
     assert not optimizer.state and sum(wrapper.skipped_steps.values()) >= 1
+
+
+@pytest.mark.parametrize("engine", ["functional", "higher", "jvp", "finite_difference"])
+def test_everything_stays_finite_under_bfloat16_autocast(engine: str) -> None:
+    torch.manual_seed(0)
+    wrapper = MetaAuxWrapper(TinyCNN(), num_classes=10, psi=5, engine=engine)
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.01)
+    x, y = image_batch(16)
+    x = x * 1e3  # large activations
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = wrapper.loss(x, y)
+        meta = wrapper.meta_step(x, y)
+    assert loss.dtype == torch.float32  # the losses are computed in float32 from half-precision logits
+    loss.backward()
+    assert torch.isfinite(loss) and meta is not None and torch.isfinite(meta)
+    assert all(torch.isfinite(p.grad).all() for p in wrapper.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(wrapper.step(x, y, optimizer))
+    assert all(torch.isfinite(p).all() for p in wrapper.state_dict().values() if isinstance(p, Tensor) and p.is_floating_point())

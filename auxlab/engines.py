@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from auxlab.losses import classification_loss, soft_target_coefficients
+from auxlab.losses import classification_loss, model_step_losses, soft_target_coefficients
 from auxlab.multitask import MultiTaskNet
 
 __all__ = ["ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "MetaProblem", "SharedStep", "get_engine", "linearised_step", "virtual_step"]
@@ -79,10 +79,9 @@ class MetaProblem:
         return primary_loss + self.aux_weight * aux_loss
 
     def loss_terms(self, primary: Tensor, aux: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``(L_pri, L_aux)`` on ``(x, y)``; ``L_aux`` written as linear in ``targets``."""
+        """``(L_pri, L_aux)`` on ``(x, y)``, as in the model step."""
         assert aux is not None
-        coefficients = soft_target_coefficients(aux, focal_gamma=self.focal_gamma)
-        return self.primary_loss(primary, self.y), (targets * coefficients).sum()
+        return model_step_losses(primary, self.y, aux, targets, focal_gamma=self.focal_gamma)
 
     def primary_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return classification_loss(logits, y, focal_gamma=self.focal_gamma)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["classification_loss", "negative_batch_entropy", "soft_target_coefficients"]
+__all__ = ["classification_loss", "model_step_losses", "negative_batch_entropy", "soft_target_coefficients"]
 
 
 def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 0.0) -> Tensor:
@@ -39,6 +39,24 @@ def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 
             log_p = _focal_factor(log_p, focal_gamma) * log_p
         return -log_p.mean()
     return (target * soft_target_coefficients(logits, focal_gamma=focal_gamma, log_p=log_p)).sum()
+
+
+def model_step_losses(primary: Tensor, y: Tensor, aux: Tensor, targets: Tensor, *, focal_gamma: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(L_pri, L_aux)``: the primary head's loss on labels ``y`` and the auxiliary head's on soft ``targets``.
+
+    The model step minimises ``L_pri + aux_weight * L_aux``, and so does the meta step's virtual step.
+
+    Args:
+        primary: ``(B, C)`` primary logits.
+        y: ``(B,)`` labels.
+        aux: ``(B, K)`` auxiliary logits.
+        targets: ``(B, K)`` auxiliary target probabilities.
+        focal_gamma: focusing parameter of both losses.
+    """
+    return (
+        classification_loss(primary, y, focal_gamma=focal_gamma),
+        classification_loss(aux, targets, focal_gamma=focal_gamma),
+    )
 
 
 def soft_target_coefficients(logits: Tensor, *, focal_gamma: float = 0.0, log_p: Tensor | None = None) -> Tensor:

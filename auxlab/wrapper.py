@@ -15,7 +15,7 @@ from auxlab._seeding import seeded
 from auxlab.engines import SHARED_DERIVATIVES, MetaProblem, get_engine, linearised_step
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
-from auxlab.losses import classification_loss, negative_batch_entropy
+from auxlab.losses import classification_loss, model_step_losses, negative_batch_entropy
 from auxlab.multitask import MultiTaskNet, find_head
 
 __all__ = ["MetaAuxWrapper"]
@@ -558,8 +558,7 @@ class MetaAuxWrapper(nn.Module):
         assert aux is not None
         if aux.shape != targets.shape:
             raise ValueError(f"the auxiliary head gave shape {tuple(aux.shape)} but the targets have {tuple(targets.shape)}; the head's input must be (B, features)")
-        primary_loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
-        return primary_loss, classification_loss(aux, targets, focal_gamma=self.focal_gamma)
+        return model_step_losses(primary, y, aux, targets, focal_gamma=self.focal_gamma)
 
     def _finite(self, step: str, total: Tensor, **parts: Tensor) -> bool:
         """Whether ``total`` is finite; otherwise raise or (``nonfinite="skip"``) warn and count."""

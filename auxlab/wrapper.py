@@ -367,9 +367,7 @@ class MetaAuxWrapper(nn.Module):
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
         if not self._meta_due():
             return None
-        targets, statistics = self._targets(x, y, index)
-        meta_primary = get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta))
-        update = self._hypergradient(meta_primary, targets)
+        statistics, update = self._engine_update(x, y, x_meta, y_meta, index)
         if update is None:
             return None
         self._update_generator(statistics, update)
@@ -408,11 +406,10 @@ class MetaAuxWrapper(nn.Module):
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
         due = self._meta_due()
         if not due or self.engine not in SHARED_DERIVATIVES:
-            if due:
-                targets, statistics = self._targets(x, y, index)
-                update = self._hypergradient(get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta)), targets)
+            # the meta update is computed first, so that a non-finite one raises before the model's statistics move
+            statistics, update = self._engine_update(x, y, x_meta, y_meta, index) if due else ({}, None)
             loss, model_finite = self._model_loss(x, y, index)
-            if due and update is not None:
+            if update is not None:
                 self._update_generator(statistics, update)
             if model_finite:
                 optimizer.zero_grad(set_to_none=True)
@@ -455,6 +452,14 @@ class MetaAuxWrapper(nn.Module):
             return False
         self.steps["meta"] += 1
         return (self.steps["meta"] - 1) % self.meta_every == 0
+
+    def _engine_update(
+        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
+    ) -> tuple[dict[str, Tensor], _GeneratorUpdate | None]:
+        """The generator's updated buffers and its update through the configured engine (not applied yet)."""
+        targets, statistics = self._targets(x, y, index)
+        meta_primary = get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta))
+        return statistics, self._hypergradient(meta_primary, targets)
 
     def _problem(self, x: Tensor, y: Tensor, targets: Tensor, x_meta: Tensor, y_meta: Tensor) -> MetaProblem:
         return MetaProblem(

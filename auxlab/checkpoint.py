@@ -44,7 +44,7 @@ def save_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: _Stateful | None = None,
-    **counters: int | float | str | bool | None,
+    **counters: float | str | bool | None,
 ) -> None:
     """Write the whole training state to ``path`` atomically.
 

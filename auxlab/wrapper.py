@@ -123,6 +123,12 @@ class MetaAuxWrapper(nn.Module):
             optimizer still act), and :meth:`meta_step` updates nothing.
         seed: seeds the auxiliary head's initialisation and, by default, strategies that draw
             random numbers; the caller's random state is left unchanged.
+
+    Attributes:
+        steps: calls so far of the model step (``loss``/``step``) and the meta step, by ``"model"``/``"meta"``.
+        skipped_steps: of those, the steps skipped as non-finite (``nonfinite="skip"``).
+        last_meta_objective: the meta objective (detached) of the latest :meth:`step` or
+            :meth:`meta_step` call; None when that call took no meta step.
     """
 
     model: nn.Module
@@ -137,6 +143,7 @@ class MetaAuxWrapper(nn.Module):
     nonfinite: Literal["raise", "skip"]
     steps: dict[str, int]
     skipped_steps: dict[str, int]
+    last_meta_objective: Tensor | None
     inner_lr: float
     aux_weight: float
     entropy_weight: float
@@ -186,6 +193,7 @@ class MetaAuxWrapper(nn.Module):
         self.nonfinite = nonfinite
         self.steps = {"model": 0, "meta": 0}
         self.skipped_steps = {"model": 0, "meta": 0}
+        self.last_meta_objective = None
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         self.head_name = find_head(model, self.num_classes, head)
@@ -365,6 +373,7 @@ class MetaAuxWrapper(nn.Module):
                 ``nonfinite="raise"``; the generator is then left unchanged.
         """
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
+        self.last_meta_objective = None
         if not self._meta_due():
             return None
         statistics, update = self._engine_update(x, y, x_meta, y_meta, index)
@@ -404,6 +413,7 @@ class MetaAuxWrapper(nn.Module):
             FloatingPointError: as :meth:`loss` and :meth:`meta_step`, before anything changes.
         """
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
+        self.last_meta_objective = None
         due = self._meta_due()
         if not due or self.engine not in SHARED_DERIVATIVES:
             # the meta update is computed first, so that a non-finite one raises before the model's statistics move
@@ -488,6 +498,7 @@ class MetaAuxWrapper(nn.Module):
         for p, g in zip(update.params, update.grads):
             p.grad = g
         self._generator_optimizer.step()
+        self.last_meta_objective = update.objective
 
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True

@@ -14,8 +14,8 @@ import torch
 from helpers import TinyBNNet, TinyMLP, assert_unchanged, batch, snapshot
 from torch import Tensor, nn
 
-from auxlab import HierarchyMask, MetaAuxWrapper
 import auxlab.engines
+from auxlab import HierarchyMask, MetaAuxWrapper
 from auxlab.engines import ENGINES, MetaProblem, functional_engine, get_engine, virtual_step
 from auxlab.generators import MAXLGenerator
 from auxlab.losses import negative_batch_entropy

@@ -206,8 +206,10 @@ def test_loading_a_state_dict_restores_the_labels() -> None:
         (
             torch.tensor([0, NUM_SAMPLES]),
             ValueError,
-            rf"index has value {NUM_SAMPLES} but .* covers {NUM_SAMPLES} training samples; "
-            rf"indices must lie in \[0, {NUM_SAMPLES}\)",
+            (
+                rf"index has value {NUM_SAMPLES} but .* covers {NUM_SAMPLES} training samples; "
+                rf"indices must lie in \[0, {NUM_SAMPLES}\)"
+            ),
         ),
         (torch.tensor([-1, 0]), ValueError, "index has value -1"),
     ],

@@ -581,7 +581,10 @@ def test_step_equals_loss_then_meta_step_then_the_model_update(engine: str) -> N
         x, y = batch(9, seed=seed, dtype=torch.float64)
         loss = fused.step(x, y, fused_optimizer)
         expected = apart.loss(x, y)
-        apart.meta_step(x, y)
+        meta = apart.meta_step(x, y)
+        assert meta is not None and apart.last_meta_objective is meta
+        assert fused.last_meta_objective is not None
+        assert torch.allclose(fused.last_meta_objective, meta, rtol=0, atol=1e-12)
         apart_optimizer.zero_grad()
         expected.backward()
         apart_optimizer.step()
@@ -600,6 +603,7 @@ def test_step_follows_meta_every_and_fixed_strategies() -> None:
         model_before = snapshot(wrapper.model)
         wrapper.step(*batch(9, seed=seed, dtype=torch.float64), optimizer)
         changed.append(any(not torch.equal(v, snapshot(wrapper.generator)[k]) for k, v in before.items()))
+        assert (wrapper.last_meta_objective is not None) == changed[-1]
         assert any(not torch.equal(v, snapshot(wrapper.model)[k]) for k, v in model_before.items())
     assert changed == [True, False, True, False]
 

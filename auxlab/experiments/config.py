@@ -83,7 +83,7 @@ class ExperimentConfig:
         "features k-means clusters: pixels (the flattened inputs) or package.module:function mapping a batch x to (B, D) features"))
     # --- training
     schedule: str = field(default="per-batch", metadata=_help(
-        "per-batch: a model step then a meta step on every batch (the paper's algorithm); alternating: an epoch of model steps, "
+        "per-batch: a model step and a meta step on every batch, wrapper.step (the paper's algorithm); alternating: an epoch of model steps, "
         "then an epoch of meta steps (the original code)"))
     epochs: int = field(default=10, metadata=_help("training epochs per (strategy, seed)"))
     batch_size: int = field(default=64, metadata=_help("training batch size (the original MAXL code: 100)"))

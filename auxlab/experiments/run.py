@@ -304,17 +304,19 @@ def _train_epoch(
     loss_sum, meta_sum, seen, meta_seen = 0.0, 0.0, 0, 0
     try:
         for x, y, index in _batches(loader, per_phase, device):
-            loss = wrapper.loss(x, y, index=index)
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss)
-            optimizer.step()
-            loss_sum += float(loss.detach()) * y.shape[0]
-            seen += y.shape[0]
-            if not alternating:
-                meta = wrapper.meta_step(x, y, index=index)
+            if alternating:
+                loss = wrapper.loss(x, y, index=index)
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(loss)
+                optimizer.step()
+            else:  # the model step and the meta step together, sharing their work where the engine can
+                loss = wrapper.step(x, y, optimizer, index=index)
+                meta = wrapper.last_meta_objective
                 if meta is not None:
                     meta_sum += float(meta) * y.shape[0]
                     meta_seen += y.shape[0]
+            loss_sum += float(loss.detach()) * y.shape[0]
+            seen += y.shape[0]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from auxlab.distributed import Reducer
 from auxlab.losses import classification_loss, model_step_losses, soft_target_coefficients
 from auxlab.multitask import MultiTaskNet
 
@@ -48,6 +49,9 @@ class MetaProblem:
         inner_lr, aux_weight, focal_gamma: the wrapper's hyper-parameters.
         virtual_params: names of the parameters that take the virtual step; None for every
             trainable parameter. The others are held fixed.
+        reducer: in data-parallel training, the ranks' collective operations: the gradients at
+            theta and at theta' are averaged over the ranks (:mod:`auxlab.distributed`). Only
+            :func:`linearised_step` supports it.
     """
 
     net: MultiTaskNet
@@ -60,6 +64,7 @@ class MetaProblem:
     aux_weight: float
     focal_gamma: float
     virtual_params: frozenset[str] | None = None
+    reducer: Reducer | None = None
 
     def parameters(self) -> dict[str, Tensor]:
         """The parameters of the virtual step, by name."""
@@ -177,6 +182,9 @@ def linearised_step(problem: MetaProblem, derivative: DirectionalDerivative) -> 
         primary, aux = functional_call(problem.net, (every, step_buffers), (problem.x,))
         primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
         gradients = torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), allow_unused=True)
+        primary_loss, aux_loss = primary_loss.detach(), aux_loss.detach()
+        if problem.reducer is not None:  # the gradient of the mean loss over every rank's batch
+            problem.reducer.average_([primary_loss, aux_loss, *(g for g in gradients if g is not None)])
         grads: dict[str, Tensor | None] = dict(zip(every, gradients))
         params = {name: p.detach() for name, p in virtual.items()}
         moved = {
@@ -187,6 +195,11 @@ def linearised_step(problem: MetaProblem, derivative: DirectionalDerivative) -> 
         meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
         u_list = torch.autograd.grad(meta_loss, list(moved.values()), allow_unused=True)
     u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
+    meta_loss = meta_loss.detach()
+    share = 1.0
+    if problem.reducer is not None:  # u of the mean meta loss; each rank's targets carry 1/R of the batch
+        problem.reducer.average_([meta_loss, *u.values()])
+        share = 1.0 / problem.reducer.world_size
 
     def coefficients(at: dict[str, Tensor]) -> Tensor:
         _, aux_at = functional_call(problem.net, (at, problem.buffer_copies()), (problem.x,))
@@ -194,15 +207,15 @@ def linearised_step(problem: MetaProblem, derivative: DirectionalDerivative) -> 
         return soft_target_coefficients(aux_at, focal_gamma=problem.focal_gamma)
 
     with torch.no_grad():
-        target_gradient = -problem.inner_lr * problem.aux_weight * derivative(coefficients, params, u)
+        target_gradient = -problem.inner_lr * problem.aux_weight * share * derivative(coefficients, params, u)
     linear = (problem.targets * target_gradient).sum()
     return SharedStep(
         primary=primary.detach(),
-        primary_loss=primary_loss.detach(),
-        aux_loss=aux_loss.detach(),
+        primary_loss=primary_loss,
+        aux_loss=aux_loss,
         grads=grads,
         buffers=step_buffers,
-        surrogate=meta_loss.detach() + linear - linear.detach(),
+        surrogate=meta_loss + linear - linear.detach(),
     )
 
 

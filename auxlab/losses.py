@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["classification_loss", "model_step_losses", "negative_batch_entropy", "soft_target_coefficients"]
+__all__ = ["classification_loss", "model_step_losses", "negative_batch_entropy", "negative_entropy", "soft_target_coefficients"]
 
 
 def classification_loss(logits: Tensor, target: Tensor, *, focal_gamma: float = 0.0) -> Tensor:
@@ -95,11 +95,9 @@ def _focal_factor(log_p: Tensor, gamma: float) -> Tensor:
 
 def negative_batch_entropy(probs: Tensor) -> Tensor:
     """``sum_k pbar_k log pbar_k`` with ``pbar`` the batch mean of ``probs``: minus the entropy of the
-    batch's mean label distribution.
+    batch's mean label distribution (:func:`negative_entropy` of ``probs.mean(0)``).
 
     Minimising it spreads a batch over the auxiliary classes (MAXL's regulariser against collapse).
-    Columns with ``pbar_k == 0`` exactly (a class absent from the batch) count 0 in value and in
-    gradient, so a short batch never turns the generator NaN.
 
     Args:
         probs: ``(B, K)`` probabilities.
@@ -107,7 +105,15 @@ def negative_batch_entropy(probs: Tensor) -> Tensor:
     Returns:
         A scalar tensor, <= 0.
     """
-    p_bar = probs.mean(dim=0)
-    present = p_bar > 0
-    safe = torch.where(present, p_bar, torch.ones_like(p_bar))
-    return torch.where(present, p_bar * safe.log(), torch.zeros_like(p_bar)).sum()
+    return negative_entropy(probs.mean(dim=0))
+
+
+def negative_entropy(distribution: Tensor) -> Tensor:
+    """``sum_k p_k log p_k`` of a ``(K,)`` probability vector: minus its entropy.
+
+    Entries with ``p_k == 0`` exactly (a class absent from the batch) count 0 in value and in
+    gradient, so a short batch never turns the generator NaN.
+    """
+    present = distribution > 0
+    safe = torch.where(present, distribution, torch.ones_like(distribution))
+    return torch.where(present, distribution * safe.log(), torch.zeros_like(distribution)).sum()

@@ -9,13 +9,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from auxlab._seeding import seeded
+from auxlab.distributed import Reducer
 from auxlab.engines import SHARED_DERIVATIVES, MetaProblem, get_engine, linearised_step
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
-from auxlab.losses import classification_loss, model_step_losses, negative_batch_entropy
+from auxlab.losses import classification_loss, model_step_losses, negative_entropy
 from auxlab.multitask import MultiTaskNet, find_head
 
 __all__ = ["MetaAuxWrapper"]
@@ -123,6 +125,14 @@ class MetaAuxWrapper(nn.Module):
             optimizer still act), and :meth:`meta_step` updates nothing.
         seed: seeds the auxiliary head's initialisation and, by default, strategies that draw
             random numbers; the caller's random state is left unchanged.
+        distributed: data-parallel training across processes (``torch.distributed``, initialised
+            before): ``True`` for the default process group, or a process group. Every rank starts
+            from rank 0's parameters, buffers and label tables; :meth:`step` averages the model
+            step's gradient over the ranks and :meth:`step`/:meth:`meta_step` compute the
+            hypergradient of the mean meta objective over the ranks' batches, so all ranks stay
+            identical and equal one process on the concatenated batch (equal per-rank batch sizes;
+            see :mod:`auxlab.distributed`). Needs ``engine="jvp"`` or ``"finite_difference"``.
+            Train with :meth:`step`: a ``loss().backward()`` of your own is not averaged.
 
     Attributes:
         steps: calls so far of the model step (``loss``/``step``) and the meta step, by ``"model"``/``"meta"``.
@@ -150,6 +160,7 @@ class MetaAuxWrapper(nn.Module):
     focal_gamma: float
     _net: MultiTaskNet
     _generator_optimizer: torch.optim.Optimizer | None
+    _reducer: Reducer | None
 
     def __init__(
         self,
@@ -171,6 +182,7 @@ class MetaAuxWrapper(nn.Module):
         virtual_params: Sequence[str] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         seed: int = 0,
+        distributed: bool | dist.ProcessGroup = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -185,6 +197,11 @@ class MetaAuxWrapper(nn.Module):
         self.focal_gamma = _check_number(focal_gamma, "focal_gamma")
         get_engine(engine)  # a clear error now rather than at the first meta step
         self.engine = engine
+        if distributed is not False and engine not in SHARED_DERIVATIVES:
+            raise ValueError(
+                f"distributed training needs engine='jvp' (exact) or 'finite_difference', got engine={engine!r}: "
+                "only they write the hypergradient from gradients that can be averaged over the ranks"
+            )
         if isinstance(meta_every, bool) or not isinstance(meta_every, numbers.Integral) or meta_every < 1:
             raise ValueError(f"meta_every must be a positive integer, got {meta_every!r}")
         self.meta_every = int(meta_every)
@@ -217,6 +234,9 @@ class MetaAuxWrapper(nn.Module):
         # A view sharing model and aux_head, kept outside the module tree so nothing is registered twice.
         object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
         self._virtual_params = self._select_virtual_params(virtual_params)
+        self._reducer = None if distributed is False else Reducer(None if distributed is True else distributed)
+        if self._reducer is not None:
+            self._reducer.broadcast_(self)  # every rank starts from rank 0's networks and label tables
         learnable = [p for p in self.generator.parameters() if p.requires_grad] if self.generator is not None else []
         self._generator_optimizer = (generator_optimizer or default_generator_optimizer)(learnable) if learnable else None
 
@@ -424,6 +444,9 @@ class MetaAuxWrapper(nn.Module):
             if model_finite:
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
+                loss = loss.detach()
+                if self._reducer is not None:
+                    self._reducer.average_([loss, *(p.grad for p in self.parameters() if p.grad is not None)])
                 optimizer.step()
             return loss.detach()
         self.steps["model"] += 1
@@ -472,18 +495,26 @@ class MetaAuxWrapper(nn.Module):
         return statistics, self._hypergradient(meta_primary, targets)
 
     def _problem(self, x: Tensor, y: Tensor, targets: Tensor, x_meta: Tensor, y_meta: Tensor) -> MetaProblem:
+        if self._reducer is not None and self.engine not in SHARED_DERIVATIVES:
+            raise ValueError(f"distributed training needs engine='jvp' or 'finite_difference', got engine={self.engine!r}")
         return MetaProblem(
             net=self._net, x=x, y=y, targets=targets, x_meta=x_meta, y_meta=y_meta, inner_lr=self.inner_lr,
             aux_weight=self.aux_weight, focal_gamma=self.focal_gamma, virtual_params=self._virtual_params,
+            reducer=self._reducer,
         )
 
     def _hypergradient(self, meta_primary: Tensor, targets: Tensor) -> _GeneratorUpdate | None:
         """The generator's gradient of ``meta_primary + entropy_weight * entropy``; None if skipped as non-finite."""
         assert self.generator is not None
-        entropy_term = negative_batch_entropy(targets)
+        label_distribution = targets.mean(dim=0)
+        if self._reducer is not None:  # the entropy of the labels of every rank's batch together
+            label_distribution = self._reducer.mean(label_distribution)
+        entropy_term = negative_entropy(label_distribution)
         objective = meta_primary + self.entropy_weight * entropy_term
         params = [p for p in self.generator.parameters() if p.requires_grad]
         grads = torch.autograd.grad(objective, params, allow_unused=True)
+        if self._reducer is not None:  # each rank holds the share of its own samples
+            self._reducer.sum_([g for g in grads if g is not None])
         present = [g for g in grads if g is not None]
         gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
         terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term, "hypergradient norm": gradient_norm}
@@ -577,10 +608,15 @@ class MetaAuxWrapper(nn.Module):
         return model_step_losses(primary, y, aux, targets, focal_gamma=self.focal_gamma)
 
     def _finite(self, step: str, total: Tensor, **parts: Tensor) -> bool:
-        """Whether ``total`` is finite; otherwise raise or (``nonfinite="skip"``) warn and count."""
-        if bool(torch.isfinite(total)):
+        """Whether ``total`` is finite (on every rank); otherwise raise or (``nonfinite="skip"``) warn and count."""
+        finite = bool(torch.isfinite(total))
+        if self._reducer is not None:  # all ranks raise or skip together
+            finite = self._reducer.all_true(finite, total.device)
+        if finite:
             return True
         described = ", ".join(f"{name} = {float(value.detach()):.4g}" for name, value in parts.items())
+        if bool(torch.isfinite(total)):
+            described += " on this rank, non-finite on another"
         where = f"{step} step {self.steps[step]}"
         if self.nonfinite == "raise":
             raise FloatingPointError(

@@ -1,0 +1,90 @@
+"""Data-parallel training across processes: what the wrapper exchanges through ``torch.distributed``.
+
+With ``MetaAuxWrapper(..., distributed=True)`` every process (rank) holds the whole wrapper and
+trains on its own share of each batch, and the ranks stay identical because they exchange:
+
+- at construction, every parameter and buffer of rank 0 (classifier, auxiliary head, generator,
+  fixed label tables), as DistributedDataParallel does;
+- in a step, the model step's gradient and loss terms (averaged: the gradient of the mean loss
+  over the concatenated batch, for equal per-rank batches), ``u``, the gradient of the primary
+  loss after the virtual step (averaged), the batch-mean target distribution of the entropy term
+  (averaged) and the generator's gradient (summed: each rank holds its own samples' share);
+- every decision on a non-finite loss, so that all ranks raise or skip together.
+
+Only the engines that write the hypergradient from first-order gradients (``"jvp"`` and
+``"finite_difference"``) decompose this way; the result is then that of one process on the
+concatenated batch. BatchNorm normalises with each rank's own batch statistics (as under
+DistributedDataParallel), so with BatchNorm the match is close but not exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["Reducer"]
+
+
+class Reducer:
+    """Collective operations over one process group, on lists of tensors (flattened into one call).
+
+    Args:
+        group: the process group; None for the default group.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "distributed=True needs an initialised process group: call torch.distributed.init_process_group(...) "
+                "(torchrun sets up its environment) before building the wrapper"
+            )
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.source = 0 if group is None else dist.get_global_rank(group, 0)
+
+    def average_(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor, in place, by its mean over the ranks."""
+        self._all_reduce_(tensors, scale=1.0 / self.world_size)
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor, in place, by its sum over the ranks."""
+        self._all_reduce_(tensors, scale=1.0)
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item() == 1.0)
+
+    def mean(self, local: Tensor) -> Tensor:
+        """The mean of ``local`` over the ranks, differentiable with respect to this rank's ``local``.
+
+        The other ranks' values enter as constants, so the gradients of all ranks, summed, are the
+        gradient of the mean.
+        """
+        total = local.detach().clone()
+        self.sum_([total])
+        return (local + (total - local.detach())) / self.world_size
+
+    def broadcast_(self, module: nn.Module) -> None:
+        """Overwrite every parameter and buffer of ``module`` with rank 0's values."""
+        with torch.no_grad():
+            for submodule in module.modules():  # module by module: a wrapper may hide parameters from parameters()
+                for tensor in [*submodule.parameters(recurse=False), *submodule.buffers(recurse=False)]:
+                    dist.broadcast(tensor.data, src=self.source, group=self.group)
+
+    def _all_reduce_(self, tensors: Sequence[Tensor], *, scale: float) -> None:
+        if not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        flat.mul_(scale)
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import auxlab.experiments.run as run_module
 from auxlab import AuxLabelGenerator, MetaAuxWrapper
 from auxlab.datasets import FASHION_MNIST_ROOT, ImageDataset
 from auxlab.experiments import (
@@ -153,6 +155,7 @@ def test_round_trip_through_json() -> None:
         (["--engine", "nope"], "engine must be one of"),
         (["--meta-every", "0"], "meta_every must be an integer >= 1"),
         (["--progress", "--name", "a/b"], "name must be a plain directory name"),
+        (["--resume"], "name must be given with resume=True: the experiment to continue is <out>/<name>; got name=None"),
     ],
 )
 def test_bad_values_name_the_field(argv: list[str], message: str) -> None:
@@ -405,3 +408,128 @@ def test_module_entry_point(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "| single |" in completed.stdout
     assert (tmp_path / "cli" / "summary.md").is_file()
+
+
+# ------------------------------------------------------------------------------ resume
+_TRAIN_EPOCH = run_module._train_epoch
+
+
+class _Interrupted(Exception):
+    """Raised in place of an epoch of training, as if the process had been stopped there."""
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """From now on, the ``call``-th epoch of training (counted from 1) raises _Interrupted instead of training."""
+    calls = 0
+
+    def train_epoch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise _Interrupted(f"stopped at training epoch {call}")
+        return _TRAIN_EPOCH(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_train_epoch", train_epoch)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def csv_without_time(path: Path) -> list[dict[str, str]]:
+    with path.open() as file:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(file)]
+
+
+def summary_without_time(path: Path) -> str:
+    """summary.md without its last table column, the wall time per epoch."""
+    return re.sub(r"\| [0-9.]+ \|$", "| |", path.read_text(), flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("schedule", ["per-batch", "alternating"])
+def test_an_interrupted_experiment_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, schedule: str
+) -> None:
+    # lr_step=2: both learning rates (and maxl's inner_lr) halve after epoch 2, so their schedulers must resume too.
+    config = tiny(tmp_path / "whole", strategies=("kmeans", "maxl"), seeds=(0,), epochs=3, schedule=schedule, lr_step=2)
+    whole = run_experiment(config, log=quiet)
+    assert {r["lr"] for r in whole.records if r["epoch"] == 3} == {0.005}
+
+    cut = replace(config, out=str(tmp_path / "cut"))
+    run_dir = tmp_path / "cut" / "run"
+    interrupt_at(monkeypatch, 2)  # kmeans seed 0 stops after epoch 1
+    with pytest.raises(_Interrupted):
+        run_experiment(cut, log=quiet)
+    assert (run_dir / "checkpoints" / "kmeans-seed0.pt").is_file() and not (run_dir / "metrics.jsonl").exists()
+
+    interrupt_at(monkeypatch, 5)  # kmeans epochs 2 and 3, maxl epochs 1 and 2, then maxl stops after epoch 2
+    lines: list[str] = []
+    with pytest.raises(_Interrupted):
+        run_experiment(replace(cut, resume=True), log=lines.append)
+    assert any(line.endswith("resumed from " + str(run_dir / "checkpoints" / "kmeans-seed0.pt") + " after epoch 1/3") for line in lines)
+    assert {r["strategy"] for r in read_jsonl(run_dir / "metrics.jsonl")} == {"kmeans"}
+
+    monkeypatch.setattr(run_module, "_train_epoch", _TRAIN_EPOCH)
+    lines = []
+    resumed = run_experiment(replace(cut, resume=True), log=lines.append)
+    assert any(line.strip() == "kmeans seed 0: finished, 4 records read from metrics.jsonl" for line in lines)
+    assert any(line.strip().startswith("maxl seed 0: resumed from") and line.endswith("after epoch 2/3") for line in lines)
+    assert [(r["strategy"], r["epoch"]) for r in resumed.records] == [(s, e) for s in ("kmeans", "maxl") for e in range(4)]
+    assert without_time(resumed.records) == without_time(whole.records)
+    assert without_time(read_jsonl(run_dir / "metrics.jsonl")) == without_time(read_jsonl(tmp_path / "whole" / "run" / "metrics.jsonl"))
+    assert csv_without_time(run_dir / "metrics.csv") == csv_without_time(tmp_path / "whole" / "run" / "metrics.csv")
+    assert summary_without_time(run_dir / "summary.md") == summary_without_time(tmp_path / "whole" / "run" / "summary.md")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["kmeans-seed0.pt", "maxl-seed0.pt"]  # kept
+
+
+def test_resuming_a_finished_experiment_runs_nothing_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny(tmp_path, strategies=("single", "maxl"), seeds=(0, 1), epochs=2, plots=True)
+    first = run_experiment(config, log=quiet)
+    run_dir = first.run_dir
+    written = {name: (run_dir / name).read_bytes() for name in ("summary.md", "subclass_grid.png", "metrics.csv")}
+    for name in ("summary.md", "subclass_grid.png"):
+        (run_dir / name).unlink()
+
+    interrupt_at(monkeypatch, 1)  # any epoch of training would raise
+    # threads, progress and the plots' layout may differ from the experiment's config.json.
+    again = run_experiment(replace(config, resume=True, threads=None, progress=True), log=quiet)
+    assert again.records == first.records  # time_s included: nothing ran again
+    for name, content in written.items():
+        assert (run_dir / name).read_bytes() == content, f"{name} differs"  # the grid's labels come from maxl seed 0's checkpoint
+
+    (run_dir / "metrics.jsonl").unlink()  # every run's final checkpoint holds its records too
+    rebuilt = run_experiment(replace(config, resume=True), log=quiet)
+    assert rebuilt.records == first.records and read_jsonl(run_dir / "metrics.jsonl") == first.records
+
+
+def test_resume_refuses_another_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny(tmp_path, strategies=("single",), seeds=(0,))
+    result = run_experiment(config, log=quiet)
+    metrics = (result.run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=re.escape(
+        f"resume=True continues the experiment of {result.run_dir / 'config.json'}, but the config differs from it in "
+        "epochs (given 2, the experiment has 1); lr (given 0.05, the experiment has 0.01)."
+    )):
+        run_experiment(replace(config, resume=True, epochs=2, lr=0.05), log=quiet)
+    with pytest.raises(ConfigError, match=re.escape("psi (given [3, 3, 3, 3, 3, 3, 3, 3, 3, 3], the experiment has [5, 5, 5")):
+        run_experiment(replace(config, resume=True, psi=(3,)), log=quiet)
+    with pytest.raises(ConfigError, match="resume=True continues the experiment in .*never, but .* does not exist"):
+        run_experiment(replace(config, resume=True, name="never"), log=quiet)
+
+    assert main(["--config", str(result.run_dir / "config.json"), "--schedule", "alternating", "--resume"]) == 2
+    assert "differs from it in schedule (given 'alternating', the experiment has 'per-batch')" in capsys.readouterr().err
+    assert (result.run_dir / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_new_experiment_of_the_same_name_removes_the_old_metrics_and_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny(tmp_path, strategies=("single", "random"), seeds=(0,))
+    result = run_experiment(config, log=quiet)
+    checkpoints = result.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["random-seed0.pt", "single-seed0.pt"]
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(_Interrupted):  # a resume of this one must not find the old experiment's records
+        run_experiment(replace(config, lr=0.05), log=quiet)
+    assert not (result.run_dir / "metrics.jsonl").exists() and not (result.run_dir / "metrics.csv").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["single-seed0.pt"]  # the new run's epoch 0

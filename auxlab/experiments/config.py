@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SMOKE", "ConfigError", "ExperimentConfig", "build_parser", "load_config", "parse_args"]
+__all__ = ["RESUME_MAY_DIFFER", "SMOKE", "ConfigError", "ExperimentConfig", "build_parser", "load_config", "parse_args", "resume_differences"]
 
 DATASETS = ("digits", "fashion-mnist", "folder")
 TASKS = ("fine", "coarse")
@@ -118,9 +118,13 @@ class ExperimentConfig:
     grid_classes: int = field(default=4, metadata=_help("primary classes shown in subclass_grid.png"))
     grid_images: int = field(default=8, metadata=_help("example images per sub-class in subclass_grid.png"))
     out: str = field(default="runs", metadata=_help("output directory; each run writes to <out>/<name>/"))
-    name: str | None = field(default=None, metadata=_help("run name; none: <dataset>-<task>-<date>-<time>. An existing run of that name is overwritten"))
+    name: str | None = field(default=None, metadata=_help(
+        "run name; none: <dataset>-<task>-<date>-<time>. An existing run of that name is overwritten (unless --resume)"))
     plots: bool = field(default=True, metadata=_help("write the PNG plots (needs matplotlib)"))
     progress: bool = field(default=True, metadata=_help("show a tqdm progress bar per epoch (if tqdm is installed)"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue the experiment <out>/<name> where it stopped: finished runs are not re-run, an unfinished run continues from its "
+        "last checkpoint. Needs name, and the experiment-defining fields of its config.json"))
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -185,6 +189,8 @@ class ExperimentConfig:
             raise ConfigError("out must be a directory path, got an empty string")
         if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
             raise ConfigError(f"name must be a plain directory name (no {os.sep!r}), got {self.name!r}")
+        if self.resume and self.name is None:
+            raise ConfigError("name must be given with resume=True: the experiment to continue is <out>/<name>; got name=None")
 
     def _validate_strategies(self) -> None:
         from auxlab.generators import GENERATORS
@@ -221,6 +227,27 @@ class ExperimentConfig:
     def smoke(self) -> ExperimentConfig:
         """This config with the :data:`SMOKE` budget: one epoch of a few batches on a small subset."""
         return dataclasses.replace(self, **SMOKE)
+
+
+RESUME_MAY_DIFFER = ("out", "name", "threads", "plots", "progress", "resume", "grid_classes", "grid_images")
+"""Fields that may differ between an experiment and its ``--resume``: where it is, how it is shown, how many threads run it.
+Every other field defines the experiment and must be the same."""
+
+
+def resume_differences(given: ExperimentConfig, stored: ExperimentConfig, *, ignore: Sequence[str] = ()) -> list[str]:
+    """The experiment-defining fields (all but :data:`RESUME_MAY_DIFFER` and ``ignore``) in which ``given`` differs from ``stored``.
+
+    Each difference reads ``"epochs (given 3, the experiment has 2)"``.
+    """
+    names = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in RESUME_MAY_DIFFER and f.name not in ignore]
+    ours, theirs = given.to_dict(), stored.to_dict()
+    return [f"{n} (given {_shown_value(ours[n])}, the experiment has {_shown_value(theirs[n])})" for n in names if ours[n] != theirs[n]]
+
+
+def _shown_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
 
 
 SMOKE: dict[str, Any] = {

@@ -6,13 +6,15 @@ no epoch or checkpoint is selected, on the test set or otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -22,6 +24,7 @@ from auxlab.wrapper import SINGLE_TASK
 __all__ = [
     "NOISE_FACTOR",
     "StrategySummary",
+    "read_metrics_jsonl",
     "summarise",
     "summary_markdown",
     "write_config",
@@ -46,11 +49,42 @@ def write_config(config: ExperimentConfig, path: Path) -> Path:
 
 
 def write_metrics_jsonl(records: Sequence[dict[str, Any]], path: Path) -> Path:
-    """``metrics.jsonl``: one JSON object per (strategy, seed, epoch), with the per-class diagnostics."""
-    with path.open("w", encoding="utf-8") as file:
+    """``metrics.jsonl``: one JSON object per (strategy, seed, epoch), with the per-class diagnostics.
+
+    Written atomically (a temporary file renamed over ``path``), as is ``metrics.csv``: a run that
+    stops while writing keeps the previous file whole.
+    """
+    with _replacing(path) as file:
         for record in records:
             file.write(json.dumps(record) + "\n")
     return path
+
+
+def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none if the file does not exist); a line that is not JSON raises a ValueError."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not JSON ({error}); delete the file to rebuild it from the checkpoints") from error
+    return records
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[TextIO]:
+    """A text file that replaces ``path`` in one rename when the block ends without an error."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8", newline="") as file:
+            yield file
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_metrics_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -60,7 +94,7 @@ def write_metrics_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
     num_classes = max((len(r["subclasses_used"]) for r in records if r.get("subclasses_used") is not None), default=0)
     per_class = ("used", "entropy", "confidence")
     header = [*CSV_COLUMNS, *(f"{name}_{c}" for name in per_class for c in range(num_classes))]
-    with path.open("w", encoding="utf-8", newline="") as file:
+    with _replacing(path) as file:
         writer = csv.writer(file)
         writer.writerow(header)
         for r in records:

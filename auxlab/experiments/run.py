@@ -9,27 +9,35 @@ decided from a name.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
+import json
 import math
+import os
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from auxlab.checkpoint import load_checkpoint, save_checkpoint
 from auxlab.data import IndexedDataset
 from auxlab.datasets import ImageDataset
 from auxlab.experiments import plots, report
-from auxlab.experiments.config import ExperimentConfig
+from auxlab.experiments.config import ConfigError, ExperimentConfig, load_config, resume_differences
 from auxlab.experiments.models import build_model, import_object
 from auxlab.experiments.tasks import TaskData, load_task, resolve_psi, subset_indices
 from auxlab.wrapper import SINGLE_TASK, MetaAuxWrapper
 
 __all__ = [
+    "CHECKPOINTS",
     "ExperimentResult",
     "RunOutcome",
     "collapse_diagnostic",
@@ -40,6 +48,9 @@ __all__ = [
 ]
 
 Log = Callable[[str], None]
+
+CHECKPOINTS = "checkpoints"
+"""The folder of ``<out>/<name>/`` that holds each run's checkpoint, ``<strategy>-seed<seed>.pt``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +72,8 @@ class ExperimentResult:
     """The outcome of :func:`run_experiment`.
 
     Attributes:
-        config: the config as run, with ``name`` and ``psi`` resolved (what ``config.json`` holds).
+        config: the config as run, with ``name`` and ``psi`` resolved (what ``config.json`` holds; after a
+            resume, ``config.json`` keeps the experiment's own values of the fields a resume may change).
         run_dir: ``<out>/<name>``, where the files were written.
         records: every epoch's metrics, one dict per (strategy, seed, epoch).
         summary: the Markdown of ``summary.md``.
@@ -82,7 +94,17 @@ def run_experiment(config: ExperimentConfig, *, log: Log = print, command: str |
     Writes to ``<config.out>/<name>/``: ``config.json``, ``metrics.jsonl`` and ``metrics.csv``
     (rewritten after each run, so a crash keeps what finished), ``summary.md``, and with
     ``config.plots`` the PNGs ``accuracy_curves.png``, ``collapse.png`` (if a strategy learns its
-    labels) and ``subclass_grid.png``.
+    labels) and ``subclass_grid.png``. After every epoch of every run, the run's whole state goes
+    to ``checkpoints/<strategy>-seed<seed>.pt`` (kept when the run has finished: it then holds the
+    final model).
+
+    With ``config.resume`` the experiment ``<out>/<name>`` continues where it stopped: its
+    ``config.json`` must agree with ``config`` in every experiment-defining field (all but
+    :data:`~auxlab.experiments.config.RESUME_MAY_DIFFER`), else a ConfigError names the fields
+    that differ; runs whose records are complete in ``metrics.jsonl`` are not run again, and an
+    unfinished run continues from its checkpoint. The files are then those of a run that was
+    never interrupted (``time_s`` aside). Without it, the files of an earlier experiment of the
+    same name (metrics and checkpoints) are removed first.
 
     Args:
         config: the experiment.
@@ -99,29 +121,60 @@ def run_experiment(config: ExperimentConfig, *, log: Log = print, command: str |
 
 
 def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) -> ExperimentResult:
+    stored = _experiment_to_resume(config) if config.resume else None  # refuses another experiment before loading any data
     data = load_task(config)
     psi = resolve_psi(config, data)
     name = config.name or f"{config.dataset}-{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = dataclasses.replace(config, psi=psi, name=name)
     run_dir = Path(config.out) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files = {"config": report.write_config(config, run_dir / "config.json")}
-    log(f"auxlab experiment {name!r}: {data.description}; psi={list(psi)}; writing to {run_dir}")
+    finished: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    if stored is not None:
+        _refuse_another_experiment(config, stored, run_dir / "config.json")  # now that psi is resolved
+        finished = _finished_runs(report.read_metrics_jsonl(run_dir / "metrics.jsonl"), config)
+        files = {"config": run_dir / "config.json"}  # as written when the experiment started
+        total = len(config.strategies) * len(config.seeds)
+        log(f"auxlab experiment {name!r}: {data.description}; psi={list(psi)}; resuming in {run_dir}, "
+            f"{len(finished)} of {total} runs finished")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_previous_run(run_dir)
+        files = {"config": report.write_config(config, run_dir / "config.json")}
+        log(f"auxlab experiment {name!r}: {data.description}; psi={list(psi)}; writing to {run_dir}")
+    (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
 
     probe = subset_indices(data.train.labels, config.collapse_samples or len(data.train), seed=config.data_seed)
     # Mixed classes in every chunk of the diagnostic, as in training batches (a generator in train mode uses batch statistics).
     probe = probe[torch.randperm(probe.shape[0], generator=torch.Generator().manual_seed(config.data_seed))]
     grid_strategy = _grid_strategy(config.strategies)
     grid_columns: Tensor | None = None
-    records: list[dict[str, Any]] = []
-    for strategy in config.strategies:
-        for seed in config.seeds:
-            outcome = train_one(config, data, strategy=strategy, seed=seed, probe=probe, log=log)
-            records += outcome.records
-            if strategy == grid_strategy and seed == config.seeds[0]:
-                grid_columns = outcome.probe_columns
-            files["metrics_jsonl"] = report.write_metrics_jsonl(records, run_dir / "metrics.jsonl")
-            files["metrics_csv"] = report.write_metrics_csv(records, run_dir / "metrics.csv")
+    order = [(strategy, seed) for strategy in config.strategies for seed in config.seeds]
+    runs = dict(finished)  # (strategy, seed) -> its records; the metrics files always hold every finished run, in this order
+
+    def in_order() -> list[dict[str, Any]]:
+        return [record for key in order for record in runs.get(key, [])]
+
+    def write_metrics() -> None:
+        files["metrics_jsonl"] = report.write_metrics_jsonl(in_order(), run_dir / "metrics.jsonl")
+        files["metrics_csv"] = report.write_metrics_csv(in_order(), run_dir / "metrics.csv")
+
+    for strategy, seed in order:
+        checkpoint = run_dir / CHECKPOINTS / f"{strategy}-seed{seed}.pt"
+        grid_run = strategy == grid_strategy and seed == config.seeds[0]
+        done = finished.get((strategy, seed))
+        # A finished run is not run again; the grid's run is restored from its final checkpoint, for its labels.
+        if done is not None and not (grid_run and config.plots and checkpoint.is_file()):
+            log(f"{strategy:>8} seed {seed}: finished, {len(done)} records read from metrics.jsonl")
+            if grid_run and config.plots:
+                log(f"{strategy:>8} seed {seed}: {checkpoint} is missing, so subclass_grid.png cannot be drawn again")
+            continue
+        outcome = train_one(config, data, strategy=strategy, seed=seed, probe=probe, log=log, checkpoint=checkpoint, resume=config.resume)
+        runs[strategy, seed] = outcome.records
+        if grid_run:
+            grid_columns = outcome.probe_columns
+        write_metrics()
+    if "metrics_jsonl" not in files:  # a resumed experiment that had nothing left to run
+        write_metrics()
+    records = in_order()
 
     summary = report.summary_markdown(records, config, description=data.description, command=command)
     files["summary"] = run_dir / "summary.md"
@@ -147,6 +200,52 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
     log("")
     log(summary)
     return ExperimentResult(config, run_dir, records, summary, files)
+
+
+def _experiment_to_resume(config: ExperimentConfig) -> ExperimentConfig:
+    """The config of the experiment ``config.resume`` continues; a ConfigError if there is none or it is another experiment."""
+    assert config.name is not None  # ExperimentConfig refuses resume=True without a name
+    path = Path(config.out) / config.name / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"resume=True continues the experiment in {path.parent}, but {path} does not exist; "
+            "check out and name, or run without resume to start the experiment"
+        )
+    try:
+        stored = ExperimentConfig.from_dict(load_config(path))
+    except ConfigError as error:
+        raise ConfigError(f"resume=True cannot read the experiment's {path}: {error}") from error
+    # psi is compared once resolved: psi=5 and psi=5,5,...,5 are the same experiment
+    _refuse_another_experiment(config, stored, path, ignore=("psi",))
+    return stored
+
+
+def _refuse_another_experiment(config: ExperimentConfig, stored: ExperimentConfig, path: Path, *, ignore: Sequence[str] = ()) -> None:
+    differences = resume_differences(config, stored, ignore=ignore)
+    if differences:
+        raise ConfigError(
+            f"resume=True continues the experiment of {path}, but the config differs from it in {'; '.join(differences)}. "
+            f"Resume with the experiment's values (--config {path} --resume), or start a new experiment under another name"
+        )
+
+
+def _finished_runs(records: Sequence[dict[str, Any]], config: ExperimentConfig) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The records of each (strategy, seed) run that has all its epochs, 0 to ``config.epochs``, in ``records``."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in records:
+        runs.setdefault((record["strategy"], record["seed"]), []).append(record)
+    epochs = list(range(config.epochs + 1))
+    return {key: run for key, run in runs.items() if [r.get("epoch") for r in run] == epochs}
+
+
+def _remove_previous_run(run_dir: Path) -> None:
+    """Remove what an earlier experiment of the same name left that a resume would read: metrics and checkpoints."""
+    for name in ("metrics.jsonl", "metrics.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir():
+        for path in [*folder.glob("*-seed*.pt"), *folder.glob(".*-seed*.pt.*.tmp")]:
+            path.unlink(missing_ok=True)
 
 
 def _grid_strategy(strategies: tuple[str, ...]) -> str | None:
@@ -182,13 +281,27 @@ def generator_kwargs(strategy: str, config: ExperimentConfig, data: TaskData) ->
 
 
 def train_one(
-    config: ExperimentConfig, data: TaskData, *, strategy: str, seed: int, probe: Tensor, log: Log = print
+    config: ExperimentConfig,
+    data: TaskData,
+    *,
+    strategy: str,
+    seed: int,
+    probe: Tensor,
+    log: Log = print,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> RunOutcome:
     """Train a fresh model with one strategy and one seed; evaluate and diagnose after every epoch.
 
     The model is built right after ``torch.manual_seed(seed)`` (the caller's random state is
     restored afterwards), batches are drawn by a ``torch.Generator`` seeded with ``seed``, and the
     wrapper gets ``seed=seed``: the same config and seed give the same numbers on the same machine.
+
+    With ``checkpoint``, the run's whole state is written there (atomically, by
+    :func:`auxlab.checkpoint.save_checkpoint`) after every epoch: wrapper, optimizer, LR schedulers,
+    random states, the batch order's generator, the records so far and the probe's columns. With
+    ``resume`` too and that file present, the run continues after its last epoch, bit for bit as
+    if it had not stopped (on CPU; ``time_s`` aside).
 
     Records run from epoch 0, the untrained model and the initial labels before any step (no
     ``train_loss``, ``time_s`` 0), to ``config.epochs``. Each holds ``strategy``, ``seed``,
@@ -202,8 +315,11 @@ def train_one(
     ``subclass_soft_share``; None in single-task mode).
     """
     device = torch.device(config.device)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
+    # Loading a checkpoint sets the random states of every CUDA device, NumPy and Python: all are the caller's again afterwards.
+    fork_devices = list(range(torch.cuda.device_count())) if checkpoint is not None and torch.cuda.is_available() else []
+    if device.type == "cuda" and not fork_devices:
+        fork_devices = [device.index or 0]
+    with torch.random.fork_rng(devices=fork_devices), _host_random_states_kept():
         torch.manual_seed(seed)
         model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels, kwargs=config.model_kwargs)
         model = model.to(device)
@@ -229,17 +345,28 @@ def train_one(
         optimizer = torch.optim.SGD(wrapper.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         optimizers = [opt for opt in (optimizer, wrapper.generator_optimizer) if opt is not None]
         schedulers = [torch.optim.lr_scheduler.StepLR(opt, config.lr_step, config.lr_gamma) for opt in optimizers] if config.lr_step else []
+        scheduler_state = _Schedulers(schedulers) if schedulers else None
+        batch_order = torch.Generator().manual_seed(seed)
         loader = DataLoader(
             IndexedDataset(data.train),
             batch_size=config.batch_size,
             shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
+            generator=batch_order,
             drop_last=len(data.train) % config.batch_size == 1,  # BatchNorm cannot train on a batch of one
         )
         labels = "none" if wrapper.is_single_task else ("learned" if wrapper.generator_optimizer is not None else "fixed")
         records: list[dict[str, Any]] = []
         columns: Tensor | None = None
-        for epoch in range(config.epochs + 1):
+        first_epoch = 0
+        if checkpoint is not None and resume and Path(checkpoint).is_file():
+            counters = load_checkpoint(checkpoint, wrapper, optimizer=optimizer, scheduler=scheduler_state)  # and the random states
+            records, columns, batch_state = _run_state(counters, checkpoint, strategy=strategy, seed=seed, epochs=config.epochs)
+            batch_order.set_state(batch_state)
+            if config.inner_lr is None:  # as set after the last epoch's scheduler step
+                wrapper.inner_lr = optimizer.param_groups[0]["lr"]
+            first_epoch = len(records)
+            log(f"{strategy:>8} seed {seed}: resumed from {checkpoint} after epoch {first_epoch - 1}/{config.epochs}")
+        for epoch in range(first_epoch, config.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             train_loss: float | None = None
             meta_loss: float | None = None
@@ -283,7 +410,67 @@ def train_one(
                 record.update(diagnostic)
             records.append(record)
             log(_epoch_line(record, config.epochs, sum(config.psi)))
+            if checkpoint is not None:
+                save_checkpoint(
+                    checkpoint,
+                    wrapper,
+                    optimizer=optimizer,
+                    scheduler=scheduler_state,
+                    strategy=strategy,
+                    seed=seed,
+                    epoch=epoch,
+                    records=json.dumps(records),
+                    probe_columns=json.dumps(columns.tolist()) if columns is not None else None,
+                    batch_order=base64.b64encode(batch_order.get_state().numpy().tobytes()).decode("ascii"),
+                )
     return RunOutcome(records, columns)
+
+
+class _Schedulers:
+    """The run's LR schedulers (the classifier's and the generator's) as the one ``scheduler=`` of a checkpoint."""
+
+    def __init__(self, schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler]) -> None:
+        self.schedulers = list(schedulers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict["schedulers"]
+        if len(states) != len(self.schedulers):
+            raise ValueError(f"the checkpoint holds {len(states)} LR schedulers, this run has {len(self.schedulers)}")
+        for scheduler, state in zip(self.schedulers, states):
+            scheduler.load_state_dict(state)
+
+
+def _run_state(
+    counters: dict[str, Any], path: str | os.PathLike[str], *, strategy: str, seed: int, epochs: int
+) -> tuple[list[dict[str, Any]], Tensor | None, Tensor]:
+    """The records, probe columns and batch-order generator state that :func:`train_one` saved with a checkpoint."""
+    if (counters.get("strategy"), counters.get("seed")) != (strategy, seed):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is of strategy {counters.get('strategy')!r} seed {counters.get('seed')!r}, "
+            f"not of strategy {strategy!r} seed {seed}"
+        )
+    records = json.loads(counters["records"])
+    epoch = counters["epoch"]
+    if not 0 <= epoch <= epochs or [r["epoch"] for r in records] != list(range(epoch + 1)):
+        raise ValueError(f"checkpoint {str(path)!r} holds epochs 0 to {epoch} of a run, but the run has epochs 0 to {epochs}")
+    columns = None if counters["probe_columns"] is None else torch.tensor(json.loads(counters["probe_columns"]), dtype=torch.int64)
+    batch_state = torch.frombuffer(bytearray(base64.b64decode(counters["batch_order"])), dtype=torch.uint8)
+    return records, columns, batch_state
+
+
+@contextlib.contextmanager
+def _host_random_states_kept() -> Iterator[None]:
+    """Restore NumPy's and Python's global random states when the block ends (``torch.random.fork_rng`` does torch's)."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def _train_epoch(

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from auxlab.distributed import Reducer
@@ -128,9 +130,15 @@ DirectionalDerivative = Callable[[Callable[[dict[str, Tensor]], Tensor], dict[st
 
 
 def forward_mode(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:
-    """``J_function(at) direction`` by forward-mode automatic differentiation (exact)."""
-    tangent: Tensor = torch.func.jvp(function, (at,), (direction,))[1]
-    return tangent
+    """``J_function(at) direction`` by forward-mode automatic differentiation (exact).
+
+    Uses ``torch.autograd.forward_ad`` dual tensors: on the small CNN on CPU (batch 64) they took
+    13-23% less time than ``torch.func.jvp`` for the same product (benchmarks/results/jvp_variants_cpu.md).
+    """
+    with forward_ad.dual_level():
+        duals = {name: forward_ad.make_dual(p, direction[name]) for name, p in at.items()}  # type: ignore[no-untyped-call]
+        primal, tangent = forward_ad.unpack_dual(function(duals))  # type: ignore[no-untyped-call]
+        return torch.zeros_like(primal) if tangent is None else cast(Tensor, tangent)
 
 
 def central_difference(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:

@@ -320,3 +320,22 @@ def test_virtual_params_are_checked() -> None:
         MetaAuxWrapper(TinyBNNet(), num_classes=3, psi=2, virtual_params="aux_head")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="meta_every must be a positive integer, got 0"):
         MetaAuxWrapper(TinyBNNet(), num_classes=3, psi=2, meta_every=0)
+
+
+def test_forward_mode_equals_torch_func_jvp_and_reverse_over_reverse() -> None:
+    from auxlab.engines import central_difference, forward_mode
+
+    torch.manual_seed(0)
+    net = TinyBNNet().double()
+    x, _ = batch(9, dtype=torch.float64)
+    at = {k: v.detach() for k, v in net.named_parameters()}
+    direction = {k: torch.randn_like(v) for k, v in at.items()}
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        out: Tensor = torch.func.functional_call(net, (p, {k: b.clone() for k, b in net.named_buffers()}), (x,))
+        return out
+
+    expected = torch.func.jvp(f, (at,), (direction,))[1]
+    assert torch.allclose(forward_mode(f, at, direction), expected, rtol=0, atol=1e-12)
+    error = torch.linalg.vector_norm(central_difference(f, at, direction) - expected)
+    assert error <= 1e-3 * torch.linalg.vector_norm(expected)  # O(eps^2), eps * ||direction|| = 0.01

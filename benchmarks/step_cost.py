@@ -11,6 +11,11 @@ Times, in one process, after warm-up, with the variants interleaved round-robin 
 5. ``MAXL iteration (<engine>)``: a model step followed by a meta step, per engine;
 6. ``wrapper.step (<engine>)``: ``wrapper.step(x, y, opt)``, both steps in one call, per engine;
 
+(3) to (6) are repeated for every label generator of ``--generators`` (default ``maxl``, the
+paper's copy of the classifier); a generator other than ``maxl`` is named in the variant, e.g.
+``wrapper.step (jvp, maxl-light)``. All of them run in the same round-robin, so their ratios are
+comparable with each other.
+
 and reports each one's median time, interquartile range and fastest time, its ratio to (1) and its
 peak memory as a ratio to (1)'s. ``--profile`` instead runs ``torch.profiler`` over a few labelled
 MAXL iterations per engine and reports where the time goes. docs/performance.md has the results.
@@ -58,18 +63,29 @@ from benchmarks.models import MODELS, build_model
 SINGLE = "single-task step"
 AUXLAB_SINGLE = "auxlab single-task step"
 MODEL_STEP = "auxlab model step"
+#: The generator whose variants carry no generator name (the paper's; the wrapper's default).
+DEFAULT_GENERATOR = "maxl"
 
 
-def meta_step_name(engine: str) -> str:
-    return f"meta step ({engine})"
+def _named(base: str, engine: str | None, generator: str) -> str:
+    parts = ([engine] if engine is not None else []) + ([generator] if generator != DEFAULT_GENERATOR else [])
+    return f"{base} ({', '.join(parts)})" if parts else base
 
 
-def iteration_name(engine: str) -> str:
-    return f"MAXL iteration ({engine})"
+def model_step_name(generator: str = DEFAULT_GENERATOR) -> str:
+    return _named(MODEL_STEP, None, generator)
 
 
-def step_name(engine: str) -> str:
-    return f"wrapper.step ({engine})"
+def meta_step_name(engine: str, generator: str = DEFAULT_GENERATOR) -> str:
+    return _named("meta step", engine, generator)
+
+
+def iteration_name(engine: str, generator: str = DEFAULT_GENERATOR) -> str:
+    return _named("MAXL iteration", engine, generator)
+
+
+def step_name(engine: str, generator: str = DEFAULT_GENERATOR) -> str:
+    return _named("wrapper.step", engine, generator)
 
 
 def default_engines() -> tuple[str, ...]:
@@ -96,15 +112,19 @@ class Config:
     memory: bool = True
     seed: int = 0
     virtual_params: tuple[str, ...] | None = None
+    generators: tuple[str, ...] = (DEFAULT_GENERATOR,)
 
     def variant_names(self) -> list[str]:
         """The variants :func:`measure` reports, in table order."""
-        return (
-            [SINGLE, AUXLAB_SINGLE, MODEL_STEP]
-            + [meta_step_name(e) for e in self.engines]
-            + [iteration_name(e) for e in self.engines]
-            + [step_name(e) for e in self.engines]
-        )
+        names = [SINGLE, AUXLAB_SINGLE]
+        for g in self.generators:
+            names += (
+                [model_step_name(g)]
+                + [meta_step_name(e, g) for e in self.engines]
+                + [iteration_name(e, g) for e in self.engines]
+                + [step_name(e, g) for e in self.engines]
+            )
+        return names
 
     def wrapper_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of every MAXL wrapper the benchmark builds."""
@@ -219,29 +239,30 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
 
     variants.append(Variant(SINGLE, single_step, _clear(plain_opt)))
 
-    def wrap(engine: str, generator: str = "maxl") -> tuple[MetaAuxWrapper, torch.optim.Optimizer]:
+    def wrap(engine: str, generator: str = DEFAULT_GENERATOR) -> tuple[MetaAuxWrapper, torch.optim.Optimizer]:
         kwargs = {"seed": config.seed} if generator == "single" else config.wrapper_kwargs()
         wrapper = MetaAuxWrapper(copy.deepcopy(base), num_classes=config.num_classes, generator=generator, engine=engine, **kwargs).train()
         return wrapper, torch.optim.SGD(wrapper.parameters(), lr=config.lr)
 
     w, opt = wrap(config.engines[0], "single")
     variants.append(Variant(AUXLAB_SINGLE, functools.partial(_model_step, w, opt, x, y), _clear(opt)))
-    w, opt = wrap(config.engines[0])
-    variants.append(Variant(MODEL_STEP, functools.partial(_model_step, w, opt, x, y), _clear(opt, w.generator_optimizer)))
-    for engine in config.engines:
-        w, opt = wrap(engine)
-        variants.append(Variant(meta_step_name(engine), functools.partial(w.meta_step, x, y), _clear(opt, w.generator_optimizer)))
-    for engine in config.engines:
-        w, opt = wrap(engine)
+    for g in config.generators:
+        w, opt = wrap(config.engines[0], g)
+        variants.append(Variant(model_step_name(g), functools.partial(_model_step, w, opt, x, y), _clear(opt, w.generator_optimizer)))
+        for engine in config.engines:
+            w, opt = wrap(engine, g)
+            variants.append(Variant(meta_step_name(engine, g), functools.partial(w.meta_step, x, y), _clear(opt, w.generator_optimizer)))
+        for engine in config.engines:
+            w, opt = wrap(engine, g)
 
-        def iteration(w: MetaAuxWrapper = w, opt: torch.optim.Optimizer = opt) -> None:
-            _model_step(w, opt, x, y)
-            w.meta_step(x, y)
+            def iteration(w: MetaAuxWrapper = w, opt: torch.optim.Optimizer = opt) -> None:
+                _model_step(w, opt, x, y)
+                w.meta_step(x, y)
 
-        variants.append(Variant(iteration_name(engine), iteration, _clear(opt, w.generator_optimizer)))
-    for engine in config.engines:
-        w, opt = wrap(engine)
-        variants.append(Variant(step_name(engine), functools.partial(w.step, x, y, opt), _clear(opt, w.generator_optimizer)))
+            variants.append(Variant(iteration_name(engine, g), iteration, _clear(opt, w.generator_optimizer)))
+        for engine in config.engines:
+            w, opt = wrap(engine, g)
+            variants.append(Variant(step_name(engine, g), functools.partial(w.step, x, y, opt), _clear(opt, w.generator_optimizer)))
     return variants
 
 
@@ -291,6 +312,8 @@ def measure(config: Config, *, progress: Callable[[Iterable[int]], Iterable[int]
         raise ValueError(f"repeats must be >= 1, got {config.repeats}")
     if not config.engines:
         raise ValueError("give at least one engine")
+    if not config.generators:
+        raise ValueError("give at least one generator")
     version = auxlab_version()
     device = torch.device(config.device)
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -399,6 +422,8 @@ class _Labeller:
             return None
         if module is generator:
             return f"{self.phase}: generator forward (targets)"
+        if any(m is generator for m, _ in self._stack):
+            return None  # inside the generator's forward (e.g. maxl-light runs the classifier for its features)
         # The classifier itself, or higher's patched copy of it (same class); not the generator's copy.
         if isinstance(module, type(self.wrapper.model)) and module is not getattr(generator, "network", None):
             if self.phase == "model step":
@@ -520,7 +545,9 @@ def profile_engine(config: Config, engine: str, *, iterations: int = 3, row_limi
     base = build_model(config.model, num_classes=config.num_classes, seed=config.seed).to(device).train()
     plain = copy.deepcopy(base)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=config.lr)
-    wrapper = MetaAuxWrapper(copy.deepcopy(base), num_classes=config.num_classes, engine=engine, **config.wrapper_kwargs()).train()
+    wrapper = MetaAuxWrapper(
+        copy.deepcopy(base), num_classes=config.num_classes, engine=engine, generator=config.generators[0], **config.wrapper_kwargs()
+    ).train()
     labeller = _Labeller(wrapper, torch.optim.SGD(wrapper.parameters(), lr=config.lr))
     shared = engine in SHARED_DERIVATIVES
 
@@ -679,6 +706,12 @@ def auxlab_version() -> str:
     return f"{auxlab.__version__}, git {commit}{' + local changes in auxlab/' if dirty else ''}"
 
 
+GENERATOR_DESCRIPTIONS = {
+    "maxl": "maxl (the paper's: a re-initialised copy of the model with an MLP head)",
+    "maxl-light": "maxl-light (an MLP Linear(d, d) -> ReLU -> Linear(d, K) on the model's own head input, detached)",
+}
+
+
 def _header(title: str, command: str, device: torch.device, config: Config, auxlab_version: str) -> list[str]:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# {title}", "", f"- command: `{command}`", f"- date: {date} (written at the end of the run)"]
@@ -691,9 +724,9 @@ def _header(title: str, command: str, device: torch.device, config: Config, auxl
         ),
         (
             f"- optimizers: SGD(lr={config.lr}) on the model; auxlab defaults otherwise (cross entropy on both heads, "
-            "generator = paper-style copy of the model with an MLP head, generator SGD(lr=1e-3, weight_decay=5e-4), "
-            "inner_lr 0.01, meta step on every batch)"
+            "generator SGD(lr=1e-3, weight_decay=5e-4), inner_lr 0.01, meta step on every batch)"
         ),
+        "- generators: " + "; ".join(GENERATOR_DESCRIPTIONS.get(g, g) for g in config.generators),
         "- virtual step over: "
         + ("every trainable parameter (as in the paper)" if config.virtual_params is None else ", ".join(config.virtual_params)),
         f"- engines: {', '.join(config.engines)}",
@@ -793,6 +826,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--engines", default=",".join(default_engines()), help="comma-separated hypergradient engines")
     parser.add_argument(
+        "--generators", default=DEFAULT_GENERATOR,
+        help="comma-separated label generators (registered names), e.g. maxl,maxl-light; each gets its own model step, meta step, "
+        "MAXL iteration and wrapper.step variants (--profile: the first one)",
+    )
+    parser.add_argument(
         "--virtual-params", default=None,
         help="comma-separated parameter names or prefixes for MetaAuxWrapper(virtual_params=...), e.g. aux_head,model.fc "
         "(default: every parameter, as in the paper)",
@@ -817,6 +855,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         image_size=args.image_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
         engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()), lr=args.lr,
         memory=not args.no_memory, seed=args.seed,
+        generators=tuple(g.strip() for g in args.generators.split(",") if g.strip()),
         virtual_params=tuple(p.strip() for p in args.virtual_params.split(",") if p.strip()) if args.virtual_params else None,
     )
     command = "python -m benchmarks.step_cost " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -80,3 +80,27 @@ def test_models_end_in_a_linear_head_the_wrapper_finds(name: str) -> None:
     wrapper = MetaAuxWrapper(model, num_classes=7, psi=2)
     assert isinstance(model.get_submodule(wrapper.head_name), torch.nn.Linear)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_measure_times_each_generator_in_the_same_round_robin() -> None:
+    config = step_cost.Config(**TINY, repeats=2, warmup=0, engines=("jvp",), generators=("maxl", "maxl-light"), memory=False)
+    result = step_cost.measure(config)
+    names = [row.variant for row in result.rows]
+    assert names == config.variant_names()
+    assert names == [
+        step_cost.SINGLE, step_cost.AUXLAB_SINGLE,
+        "auxlab model step", "meta step (jvp)", "MAXL iteration (jvp)", "wrapper.step (jvp)",
+        "auxlab model step (maxl-light)", "meta step (jvp, maxl-light)", "MAXL iteration (jvp, maxl-light)", "wrapper.step (jvp, maxl-light)",
+    ]
+    assert all(len(row.times) == 2 and math.isfinite(row.ratio) for row in result.rows)
+    report = step_cost.results_markdown(result, "python -m benchmarks.step_cost --generators maxl,maxl-light")
+    assert "maxl-light (an MLP" in report and "wrapper.step (jvp, maxl-light)" in report
+
+
+def test_profile_of_the_light_generator_labels_its_classifier_forward_as_the_generators() -> None:
+    config = step_cost.Config(**TINY, warmup=0, generators=("maxl-light",))
+    counts = step_cost.profile_engine(config, "jvp", iterations=1, row_limit=5)["counts"]
+    assert counts.get("meta step: generator forward (targets)") == 1
+    assert counts.get("meta step: classifier forward at theta") == 1
+    assert counts.get("model step: classifier forward") == 1
+

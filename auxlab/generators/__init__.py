@@ -5,6 +5,7 @@ registered under a name that ``MetaAuxWrapper(generator="name")`` accepts.
 name                  class                                      labels
 ====================  =========================================  ===========================
 ``"maxl"``            :class:`~auxlab.generators.maxl.MAXLGenerator`          meta-learned (default)
+``"maxl-light"``      :class:`~auxlab.generators.maxl.LightMAXLGenerator`     meta-learned, MLP on the classifier's features
 ``"random"``          :class:`~auxlab.generators.random_labels.RandomLabels`  fixed, random
 ``"kmeans"``          :class:`~auxlab.generators.kmeans.KMeansLabels`         fixed, clusters per class
 ``"human"``           :class:`~auxlab.generators.human.HumanLabels`           fixed, the dataset's fine labels
@@ -14,7 +15,7 @@ name                  class                                      labels
 from auxlab.generators.base import GENERATORS, AuxLabelGenerator
 from auxlab.generators.human import HumanLabels
 from auxlab.generators.kmeans import KMeansLabels
-from auxlab.generators.maxl import MAXLGenerator
+from auxlab.generators.maxl import LightMAXLGenerator, MAXLGenerator
 from auxlab.generators.random_labels import RandomLabels
 
-__all__ = ["GENERATORS", "AuxLabelGenerator", "HumanLabels", "KMeansLabels", "MAXLGenerator", "RandomLabels"]
+__all__ = ["GENERATORS", "AuxLabelGenerator", "HumanLabels", "KMeansLabels", "LightMAXLGenerator", "MAXLGenerator", "RandomLabels"]

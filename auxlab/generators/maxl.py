@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from auxlab._seeding import seeded
 from auxlab.generators.base import AuxLabelGenerator, check_mask
@@ -74,4 +77,120 @@ class MAXLGenerator(AuxLabelGenerator, name="maxl"):
         expected = (y.shape[0], self.mask.num_aux_classes)
         if scores.shape != expected:
             raise ValueError(f"the generator network must return scores of shape {expected} (B, K=sum(psi)), got {tuple(scores.shape)}")
+        return self.mask.softmax(scores, y)
+
+
+class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
+    """MAXL with a light generator: an MLP on the classifier's own features, detached.
+
+    The scores of the ``K`` auxiliary classes are ``mlp(h)``, with ``mlp = Linear(d, hidden) ->
+    ReLU -> Linear(hidden, K)`` and ``h`` the ``(B, d)`` input of the classifier's primary head
+    (``head_name``), computed without gradient by the classifier itself at its current parameters.
+    The targets are ``mask.softmax(mlp(h), y)``. Only the MLP's parameters are ``phi``: the
+    classifier is held by reference, outside the module tree, so its parameters are neither in
+    :meth:`parameters` nor in :meth:`state_dict` and the generator optimizer never steps them.
+    Since ``h`` does not depend on ``phi``, the hypergradient through any exact engine stays exact;
+    what the generator saves is the second network: no copy of the classifier to run forward and
+    backward.
+
+    ``h`` is what the classifier computes on this batch in its current mode: in training mode,
+    BatchNorm normalises with the batch's own statistics, exactly as in the model step's forward
+    at theta. The forward runs on copies of the classifier's buffers, so its running statistics
+    (and everything else of it) stay as they were; a forward pre-hook on the head captures its
+    input and exists only during the call. A classifier with dropout draws its masks from the
+    global random state, as the ``"maxl"`` generator's copy of it does.
+
+    Args:
+        mask: the class-to-sub-class hierarchy.
+        model: the classifier whose features the MLP reads; the wrapper passes the wrapped model.
+        head_name: name of the classifier's primary ``nn.Linear`` (its input is ``h``).
+        hidden: the MLP's hidden width; default ``d``, the head's input width (as the ``"maxl"``
+            generator's MLP head).
+        seed: seeds the MLP's initialisation; the caller's random state is left as it was.
+    """
+
+    seeded = True
+    mlp: nn.Sequential
+    head_name: str
+    _classifier: nn.Module
+
+    def __init__(self, mask: HierarchyMask, *, model: nn.Module, head_name: str, hidden: int | None = None, seed: int = 0) -> None:
+        super().__init__(mask)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the classifier, an nn.Module, got {type(model).__name__}")
+        try:
+            head = model.get_submodule(head_name)
+        except AttributeError as error:
+            raise ValueError(f"head_name={head_name!r} is not a submodule of the model") from error
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head {head_name!r} must be an nn.Linear, got {type(head).__name__}")
+        width = head.in_features
+        if hidden is None:
+            hidden = width
+        if isinstance(hidden, bool) or not isinstance(hidden, numbers.Integral) or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer (the MLP's hidden width), got {hidden!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        hidden, seed = int(hidden), int(seed)
+        device, dtype = head.weight.device, head.weight.dtype
+        with seeded(seed, device):
+            self.mlp = nn.Sequential(
+                nn.Linear(width, hidden, device=device, dtype=dtype),
+                nn.ReLU(),
+                nn.Linear(hidden, mask.num_aux_classes, device=device, dtype=dtype),
+            )
+        self.head_name = head_name
+        # A reference kept outside the module tree: not a submodule, so not in parameters(),
+        # state_dict(), .to() or train()/eval() of the generator.
+        object.__setattr__(self, "_classifier", model)
+
+    def extra_repr(self) -> str:
+        return f"features=input of {type(self._classifier).__name__}.{self.head_name}"
+
+    @property
+    def classifier(self) -> nn.Module:
+        """The classifier whose head input the MLP reads (not a submodule of the generator)."""
+        return self._classifier
+
+    @classmethod
+    def from_wrapper(
+        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, default_seed: int, **kwargs: Any
+    ) -> LightMAXLGenerator:
+        """The MLP on the wrapped ``model``'s head input; ``generator_kwargs`` may give ``hidden`` and ``seed``."""
+        return cls(mask, model=model, head_name=head_name, **{"seed": default_seed, **kwargs})
+
+    def features(self, x: Tensor) -> Tensor:
+        """``(B, d)``: the input of the classifier's head on ``x``, without gradient, detached.
+
+        The classifier runs in its current mode on copies of its buffers: no running statistic,
+        parameter or ``.grad`` of it changes.
+        """
+        model = self._classifier
+        captured: list[Tensor] = []
+        head = model.get_submodule(self.head_name)
+        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            with torch.no_grad():
+                buffers = {name: b.clone() for name, b in model.named_buffers()}
+                if buffers:
+                    functional_call(model, buffers, (x,))
+                else:
+                    model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"the head {self.head_name!r} ran {len(captured)} times in one forward pass; "
+                "the light MAXL generator reads its input and needs it to run exactly once"
+            )
+        return captured[0].detach()
+
+    def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+        scores = self.mlp(self.features(x))
+        expected = (y.shape[0], self.mask.num_aux_classes)
+        if scores.shape != expected:
+            raise ValueError(
+                f"the MLP on the head's input gave scores of shape {tuple(scores.shape)}, expected {expected}; "
+                "the head must receive (B, features)"
+            )
         return self.mask.softmax(scores, y)

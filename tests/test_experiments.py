@@ -154,6 +154,7 @@ def test_round_trip_through_json() -> None:
         (["--val-fraction", "1"], "val_fraction must lie in (0, 1)"),
         (["--engine", "nope"], "engine must be one of"),
         (["--meta-every", "0"], "meta_every must be an integer >= 1"),
+        (["--generator-optimizer", "rmsprop"], "generator_optimizer must be one of 'sgd', 'adam'"),
         (["--progress", "--name", "a/b"], "name must be a plain directory name"),
         (["--resume"], "name must be given with resume=True: the experiment to continue is <out>/<name>; got name=None"),
     ],
@@ -328,6 +329,15 @@ def test_same_config_twice_gives_identical_metrics(tmp_path: Path) -> None:
     assert without_time(first.records) == without_time(second.records)
     other_seed = run_experiment(replace(config, name="seed4", seeds=(4,)), log=quiet)
     assert without_time(other_seed.records) != without_time(first.records)
+
+
+def test_generator_optimizer_adam_trains_the_generator_with_adam(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("maxl",), seeds=(0,), epochs=1)
+    sgd = run_experiment(config, log=quiet)
+    adam = run_experiment(replace(config, name="adam", generator_optimizer="adam"), log=quiet)
+    assert "generator SGD lr" in sgd.summary and "generator Adam lr" in adam.summary
+    assert without_time(adam.records) != without_time(sgd.records)
+    assert adam.records[0] == {**sgd.records[0], "time_s": adam.records[0]["time_s"]}  # the same start, epoch 0
 
 
 def test_alternating_schedule(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ __all__ = ["RESUME_MAY_DIFFER", "SMOKE", "ConfigError", "ExperimentConfig", "bui
 DATASETS = ("digits", "fashion-mnist", "folder")
 TASKS = ("fine", "coarse")
 SCHEDULES = ("per-batch", "alternating")
+GENERATOR_OPTIMIZERS = ("sgd", "adam")
 BUILTIN_MODELS = ("small-cnn", "vgg-bn")
 
 
@@ -95,8 +96,10 @@ class ExperimentConfig:
     lr_step: int = field(default=0, metadata=_help(
         "multiply both learning rates by lr_gamma every lr_step epochs (original code: 50, 0.5); 0: constant"))
     lr_gamma: float = field(default=0.5, metadata=_help("factor of the step learning-rate schedule"))
-    generator_lr: float = field(default=1e-3, metadata=_help("learning rate of the label generator's SGD (original code: 1e-3)"))
-    generator_weight_decay: float = field(default=5e-4, metadata=_help("weight decay of the label generator's SGD"))
+    generator_optimizer: str = field(default="sgd", metadata=_help(
+        "optimizer of the label generator: sgd (the original code's) or adam (scale-free steps: moves the generator even when its hypergradient is small)"))
+    generator_lr: float = field(default=1e-3, metadata=_help("learning rate of the label generator's optimizer (original code: SGD, 1e-3)"))
+    generator_weight_decay: float = field(default=5e-4, metadata=_help("weight decay of the label generator's optimizer"))
     inner_lr: float | None = field(default=None, metadata=_help(
         "learning rate of the meta step's virtual SGD step; none: the classifier's current lr, following its schedule (as in the paper and the original code)"))
     aux_weight: float = field(default=1.0, metadata=_help("weight of the auxiliary loss (paper: 1.0)"))
@@ -158,6 +161,7 @@ class ExperimentConfig:
         if self.psi is not None and not self.psi:
             raise ConfigError("psi must not be empty: give one int for all classes, one per class, or none")
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("generator_optimizer", self.generator_optimizer, GENERATOR_OPTIMIZERS)
         for name in ("epochs", "batch_size", "eval_batch_size", "grid_images"):
             _at_least(name, getattr(self, name), 1)
         _at_least("grid_classes", self.grid_classes, 1)
@@ -435,7 +439,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-_CHOICES = {"dataset": DATASETS, "task": TASKS, "schedule": SCHEDULES, "image_mode": ("L", "RGB")}
+_CHOICES = {"dataset": DATASETS, "task": TASKS, "schedule": SCHEDULES, "image_mode": ("L", "RGB"), "generator_optimizer": GENERATOR_OPTIMIZERS}
 
 
 def _metavar(name: str, annotation: Any) -> str:

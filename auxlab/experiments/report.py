@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 NOISE_FACTOR = 2.0
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam"}
 """A gain over single task counts as beyond the seed noise when it exceeds this many standard errors."""
 
 #: Scalar columns of metrics.csv, in order; per-class columns ``used_<c>``, ``entropy_<c>``, ``confidence_<c>`` follow.
@@ -261,7 +262,7 @@ def _setup(config: ExperimentConfig, description: str) -> list[str]:
         meta += f", virtual step on {', '.join(config.virtual_params)} only"
     training = (
         f"- Training: {budget}, batch {config.batch_size}, schedule `{config.schedule}`, SGD lr {config.lr:g} "
-        f"momentum {config.momentum:g} weight decay {config.weight_decay:g}{schedule}; generator SGD lr "
+        f"momentum {config.momentum:g} weight decay {config.weight_decay:g}{schedule}; generator {_OPTIMIZER_NAMES[config.generator_optimizer]} lr "
         f"{config.generator_lr:g} weight decay {config.generator_weight_decay:g}; inner lr {inner_lr:g}, "
         f"aux weight {config.aux_weight:g}, entropy weight {config.entropy_weight:g}, {loss}; {meta}."
     )

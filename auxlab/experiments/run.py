@@ -49,6 +49,8 @@ __all__ = [
 
 Log = Callable[[str], None]
 
+_GENERATOR_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
 CHECKPOINTS = "checkpoints"
 """The folder of ``<out>/<name>/`` that holds each run's checkpoint, ``<strategy>-seed<seed>.pt``."""
 
@@ -330,7 +332,7 @@ def train_one(
             psi=list(config.psi),
             generator=strategy,
             generator_kwargs=generator_kwargs(strategy, config, data),
-            generator_optimizer=lambda params: torch.optim.SGD(
+            generator_optimizer=lambda params: _GENERATOR_OPTIMIZERS[config.generator_optimizer](
                 params, lr=config.generator_lr, weight_decay=config.generator_weight_decay
             ),
             inner_lr=config.inner_lr if config.inner_lr is not None else config.lr,

@@ -176,18 +176,24 @@ class SharedStep:
     surrogate: Tensor
 
 
-def linearised_step(problem: MetaProblem, derivative: DirectionalDerivative) -> SharedStep:
+def linearised_step(
+    problem: MetaProblem, derivative: DirectionalDerivative, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None
+) -> SharedStep:
     """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
 
     First-order gradients only: ``g`` at theta (which is also the model step's gradient), ``u``
     at theta', then one directional derivative of the auxiliary loss's coefficients ``c(theta)``
-    along ``u``.
+    along ``u``. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
+    (``(primary, aux, buffers)``, with the graph to the parameters and the updated buffer copies).
     """
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
     virtual = problem.parameters()
-    step_buffers = problem.buffer_copies()
     with torch.enable_grad():
-        primary, aux = functional_call(problem.net, (every, step_buffers), (problem.x,))
+        if at_theta is None:
+            step_buffers = problem.buffer_copies()
+            primary, aux = functional_call(problem.net, (every, step_buffers), (problem.x,))
+        else:
+            primary, aux, step_buffers = at_theta
         primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
         gradients = torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), allow_unused=True)
         primary_loss, aux_loss = primary_loss.detach(), aux_loss.detach()

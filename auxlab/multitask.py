@@ -54,9 +54,11 @@ class MultiTaskNet(nn.Module):
         self.aux_head = aux_head
         self.head_name = head_name
 
-    def forward(self, x: Tensor, with_aux: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Returns ``(primary, aux)``: ``(B, C)`` logits and ``(B, K)`` auxiliary logits (or None)."""
-        if self.aux_head is None or not with_aux:
+    def forward(self, x: Tensor, with_aux: bool = True, with_features: bool = False) -> tuple[Tensor | None, ...]:
+        """Returns ``(primary, aux)``: ``(B, C)`` logits and ``(B, K)`` auxiliary logits (or None);
+        with ``with_features``, ``(primary, aux, features)`` with ``features`` the head's ``(B, d)`` input."""
+        head_input = with_features or (self.aux_head is not None and with_aux)
+        if not head_input:
             return cast(Tensor, self.model(x)), None
         captured: list[Tensor] = []
         head = self.model.get_submodule(self.head_name)
@@ -70,4 +72,5 @@ class MultiTaskNet(nn.Module):
                 f"the head {self.head_name!r} ran {len(captured)} times in one forward pass; "
                 "auxlab reads its input and needs it to run exactly once"
             )
-        return primary, self.aux_head(captured[0])
+        aux = self.aux_head(captured[0]) if self.aux_head is not None and with_aux else None
+        return (primary, aux, captured[0]) if with_features else (primary, aux)

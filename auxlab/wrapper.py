@@ -348,14 +348,17 @@ class MetaAuxWrapper(nn.Module):
     def _model_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, bool]:
         """:meth:`loss` after its input checks, and whether the loss was finite."""
         self.steps["model"] += 1
-        (primary, aux), statistics = _call_on_buffer_copies(self._net, x, with_aux=self.generator is not None)
+        reads_features = self.generator is not None and self.generator.reads_features
+        (primary, aux, *features), statistics = _call_on_buffer_copies(
+            self._net, x, with_aux=self.generator is not None, with_features=reads_features
+        )
         self._check_primary(primary, x)
         if self.generator is None:
             loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
             terms = {"primary loss": loss}
         else:
             with torch.no_grad():
-                targets = self._targets(x, y, index)[0]
+                targets = self._targets(x, y, index, features[0] if features else None)[0]
             primary_loss, aux_loss = self._loss_terms(primary, aux, y, targets)
             loss = primary_loss + self.aux_weight * aux_loss
             terms = {"primary loss": primary_loss, "auxiliary loss": aux_loss}
@@ -450,8 +453,13 @@ class MetaAuxWrapper(nn.Module):
                 optimizer.step()
             return loss.detach()
         self.steps["model"] += 1
-        targets, statistics = self._targets(x, y, index)
-        shared = linearised_step(self._problem(x, y, targets, x_meta, y_meta), SHARED_DERIVATIVES[self.engine])
+        at_theta = None
+        features = None
+        if self.generator is not None and self.generator.reads_features:  # the forward at theta serves the targets too
+            (primary, aux, features), buffers = _call_on_buffer_copies(self._net, x, with_features=True)
+            at_theta = (primary, aux, buffers)
+        targets, statistics = self._targets(x, y, index, features)
+        shared = linearised_step(self._problem(x, y, targets, x_meta, y_meta), SHARED_DERIVATIVES[self.engine], at_theta=at_theta)
         self._check_primary(shared.primary, x)
         loss = shared.primary_loss + self.aux_weight * shared.aux_loss
         model_finite = self._finite("model", loss, **{"primary loss": shared.primary_loss, "auxiliary loss": shared.aux_loss})
@@ -631,9 +639,18 @@ class MetaAuxWrapper(nn.Module):
         """A loss of exactly 0 whose gradient is exactly 0 for every parameter of the user's optimizer."""
         return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self._device))
 
-    def _targets(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The generator's ``(B, K)`` targets, and its updated buffers for :func:`_commit_buffers`."""
+    def _targets(self, x: Tensor, y: Tensor, index: Tensor | None, features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator's ``(B, K)`` targets, and its updated buffers for :func:`_commit_buffers`.
+
+        A generator that ``reads_features`` gets the classifier's head input: ``features`` when the
+        caller's forward pass has it, else from a forward pass here (no gradient, buffer copies).
+        """
         assert self.generator is not None
+        if self.generator.reads_features:
+            if features is None:
+                with torch.no_grad():
+                    features = _call_on_buffer_copies(self._net, x, with_aux=False, with_features=True)[0][2]
+            x = features.detach()
         targets, statistics = _call_on_buffer_copies(self.generator, x, y, index)
         expected = (y.shape[0], self.mask.num_aux_classes)
         if targets.shape != expected:

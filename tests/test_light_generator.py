@@ -141,7 +141,7 @@ def test_targets_are_block_softmaxes_of_the_mlp_on_the_head_input(
     model = make_model().train()
     generator = LightMAXLGenerator(MASK, model=model, head_name=head_name)
     x, y = make_batch()
-    targets = generator(x, y)
+    targets = generator(generator.features(x), y)
     assert targets.shape == (7, MASK.num_aux_classes)
     assert (targets[~MASK.rows(y)] == 0).all()
     assert torch.allclose(targets.sum(1), torch.ones(7))
@@ -173,7 +173,7 @@ def test_targets_stay_in_their_blocks_for_any_hierarchy(psi: list[int], batch_si
     generator = LightMAXLGenerator(mask, model=model, head_name="3", hidden=hidden, seed=seed)
     x = 10 * torch.randn(batch_size, 4, generator=g)
     y = torch.randint(0, len(psi), (batch_size,), generator=g)
-    targets = generator(x, y)
+    targets = generator(generator.features(x), y)
     assert targets.shape == (batch_size, mask.num_aux_classes)
     assert bool(torch.isfinite(targets).all()) and bool((targets >= 0).all())
     assert (targets[~mask.rows(y)] == 0).all()
@@ -183,9 +183,8 @@ def test_targets_stay_in_their_blocks_for_any_hierarchy(psi: list[int], batch_si
 def test_same_seed_same_targets() -> None:
     x, y = batch(7)
     model = TinyBNNet()
-    a = LightMAXLGenerator(MASK, model=model, head_name="fc", seed=2)(x, y)
-    b = LightMAXLGenerator(MASK, model=model, head_name="fc", seed=2)(x, y)
-    c = LightMAXLGenerator(MASK, model=model, head_name="fc", seed=3)(x, y)
+    a, b, c = (LightMAXLGenerator(MASK, model=model, head_name="fc", seed=seed) for seed in (2, 2, 3))
+    a, b, c = (generator(generator.features(x), y) for generator in (a, b, c))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -199,7 +198,7 @@ def test_a_forward_changes_nothing_of_the_classifier(
     nn.functional.cross_entropy(model(x), y).backward()  # every parameter has a .grad, and the statistics moved once
     before, grads = snapshot(model), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     generator = LightMAXLGenerator(MASK, model=model, head_name=head_name)
-    targets = generator(x, y)
+    targets = generator(generator.features(x), y)
     (targets * torch.arange(MASK.num_aux_classes)).sum().backward()
     assert_unchanged(model, before)
     assert {n: p.grad for n, p in model.named_parameters() if p.grad is not None}.keys() == grads.keys()
@@ -214,7 +213,7 @@ def test_the_features_are_detached_from_the_classifier() -> None:
     generator = LightMAXLGenerator(MASK, model=model, head_name="fc")
     x, y = batch(7)
     assert not generator.features(x).requires_grad
-    grads = torch.autograd.grad(generator(x, y).pow(2).sum(), list(model.parameters()), allow_unused=True)
+    grads = torch.autograd.grad(generator(generator.features(x), y).pow(2).sum(), list(model.parameters()), allow_unused=True)
     assert all(g is None for g in grads)
 
 
@@ -230,8 +229,37 @@ def test_a_head_that_runs_twice_is_refused_and_no_hook_is_left() -> None:
     model = Twice()
     generator = LightMAXLGenerator(MASK, model=model, head_name="fc")
     with pytest.raises(RuntimeError, match="the head 'fc' ran 2 times in one forward pass"):
-        generator(*batch(7))
+        generator.features(batch(7)[0])
     assert not model.fc._forward_pre_hooks
+
+
+def test_forward_reads_features_and_refuses_a_batch_of_inputs() -> None:
+    model = TinyCNN(num_classes=NUM_CLASSES)
+    generator = LightMAXLGenerator(MASK, model=model, head_name="classifier")
+    x, y = image_batch(7, num_classes=NUM_CLASSES)
+    assert generator.reads_features
+    with pytest.raises(ValueError, match=r"reads the classifier's features, \(B, 16\); got \(7, 1, 8, 8\)"):
+        generator(x, y)
+    assert generator(generator.features(x), y).shape == (7, MASK.num_aux_classes)
+
+
+@pytest.mark.parametrize("engine", ["jvp", "functional"])
+def test_the_wrapper_runs_no_extra_classifier_forward_for_the_targets(engine: str) -> None:
+    calls = {"maxl": 0, "maxl-light": 0}
+    for name in calls:
+        torch.manual_seed(0)
+        model = TinyBNNet()
+        wrapper = MetaAuxWrapper(model, num_classes=NUM_CLASSES, mask=MASK, generator=name, engine=engine)
+        optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+        x, y = batch(7)
+        count = [0]
+        model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        wrapper.step(x, y, optimizer)
+        wrapper.loss(x, y)
+        calls[name] = count[0]
+    # jvp: the same classifier forwards as with the paper's generator, a separate network: the targets
+    # come from the forward at theta. functional: its meta step computes the targets with one forward of its own.
+    assert calls["maxl-light"] == calls["maxl"] + (engine == "functional")
 
 
 # ------------------------------------------------------------------------------ the hypergradient

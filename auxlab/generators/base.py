@@ -46,6 +46,10 @@ class AuxLabelGenerator(nn.Module):
     needs_index: ClassVar[bool] = False
     #: Whether the constructor takes ``seed=``; the wrapper then passes its own ``seed`` by default.
     seeded: ClassVar[bool] = False
+    #: Whether the targets depend on the input only through the classifier's features: the wrapper
+    #: then calls ``forward`` with the ``(B, d)`` input of the classifier's primary head, detached,
+    #: from its own forward pass, in place of ``x`` (no second classifier forward for the targets).
+    reads_features: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -110,6 +110,7 @@ class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
     """
 
     seeded = True
+    reads_features = True
     mlp: nn.Sequential
     head_name: str
     _classifier: nn.Module
@@ -186,7 +187,17 @@ class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
         return captured[0].detach()
 
     def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
-        scores = self.mlp(self.features(x))
+        """Targets from the classifier's features: ``x`` is the ``(B, d)`` head input (``reads_features``).
+
+        :class:`~auxlab.MetaAuxWrapper` passes the features of its own forward pass; on its own,
+        call ``generator(generator.features(x), y)``.
+        """
+        if x.dim() != 2 or x.shape[1] != self.mlp[0].in_features:
+            raise ValueError(
+                f"the light MAXL generator reads the classifier's features, (B, {self.mlp[0].in_features}); got {tuple(x.shape)}. "
+                "Pass generator.features(x) for a batch of inputs x"
+            )
+        scores = self.mlp(x)
         expected = (y.shape[0], self.mask.num_aux_classes)
         if scores.shape != expected:
             raise ValueError(

@@ -161,6 +161,7 @@ class MetaAuxWrapper(nn.Module):
     _net: MultiTaskNet
     _generator_optimizer: torch.optim.Optimizer | None
     _reducer: Reducer | None
+    _warned_loss: bool
 
     def __init__(
         self,
@@ -235,6 +236,7 @@ class MetaAuxWrapper(nn.Module):
         object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
         self._virtual_params = self._select_virtual_params(virtual_params)
         self._reducer = None if distributed is False else Reducer(None if distributed is True else distributed)
+        self._warned_loss = False
         if self._reducer is not None:
             self._reducer.broadcast_(self)  # every rank starts from rank 0's networks and label tables
         learnable = [p for p in self.generator.parameters() if p.requires_grad] if self.generator is not None else []
@@ -343,6 +345,12 @@ class MetaAuxWrapper(nn.Module):
         """
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
+        if self._reducer is not None and not self._warned_loss:
+            self._warned_loss = True
+            warnings.warn(
+                "with distributed=True, the gradients of loss().backward() are not averaged over the ranks, so the ranks "
+                "drift apart; train with wrapper.step(x, y, optimizer), which averages them", RuntimeWarning, stacklevel=2,
+            )
         return self._model_loss(x, y, index)[0]
 
     def _model_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, bool]:

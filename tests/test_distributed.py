@@ -159,3 +159,18 @@ def test_distributed_needs_a_process_group_and_a_first_order_engine() -> None:
         _build(seed=0, engine="jvp", distributed=True)
     with pytest.raises(ValueError, match="engine='jvp'"):
         _build(seed=0, engine="functional", distributed=True)
+
+
+def test_loss_warns_once_that_its_gradients_are_not_averaged(tmp_path: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapper, optimizer = _build(seed=0, engine="jvp", distributed=True)
+        x, y = batch(4, dtype=torch.float64)
+        with pytest.warns(RuntimeWarning, match=r"not averaged over the ranks.*wrapper.step"):
+            wrapper.loss(x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            wrapper.loss(x, y)  # once only
+            wrapper.step(x, y, optimizer)  # step averages: no warning
+    finally:
+        dist.destroy_process_group()

@@ -246,17 +246,15 @@ def test_forward_reads_features_and_refuses_a_batch_of_inputs() -> None:
 @pytest.mark.parametrize("engine", ["jvp", "functional"])
 def test_the_wrapper_runs_no_extra_classifier_forward_for_the_targets(engine: str) -> None:
     calls = {"maxl": 0, "maxl-light": 0}
-    for name in calls:
+    for name in ("maxl", "maxl-light"):
         torch.manual_seed(0)
         model = TinyBNNet()
         wrapper = MetaAuxWrapper(model, num_classes=NUM_CLASSES, mask=MASK, generator=name, engine=engine)
         optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
         x, y = batch(7)
-        count = [0]
-        model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        model.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         wrapper.step(x, y, optimizer)
         wrapper.loss(x, y)
-        calls[name] = count[0]
     # jvp: the same classifier forwards as with the paper's generator, a separate network: the targets
     # come from the forward at theta. functional: its meta step computes the targets with one forward of its own.
     assert calls["maxl-light"] == calls["maxl"] + (engine == "functional")

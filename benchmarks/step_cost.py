@@ -113,6 +113,7 @@ class Config:
     seed: int = 0
     virtual_params: tuple[str, ...] | None = None
     generators: tuple[str, ...] = (DEFAULT_GENERATOR,)
+    meta_every: int = 1
 
     def variant_names(self) -> list[str]:
         """The variants :func:`measure` reports, in table order."""
@@ -128,7 +129,7 @@ class Config:
 
     def wrapper_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of every MAXL wrapper the benchmark builds."""
-        kwargs: dict[str, Any] = {"psi": self.psi, "seed": self.seed}
+        kwargs: dict[str, Any] = {"psi": self.psi, "seed": self.seed, "meta_every": self.meta_every}
         if self.virtual_params is not None:
             kwargs["virtual_params"] = list(self.virtual_params)
         return kwargs
@@ -141,6 +142,8 @@ class Variant:
     name: str
     step: Callable[[], Any]
     clear: Callable[[], None]
+    #: how many training steps one ``step`` call takes; times are reported per training step
+    calls: int = 1
 
 
 @dataclass
@@ -224,6 +227,18 @@ def _clear(*optimizers: torch.optim.Optimizer | None) -> Callable[[], None]:
     return clear
 
 
+def _repeated(step: Callable[[], Any], times: int) -> Callable[[], None]:
+    """``step`` called ``times`` times in a row (``step`` itself when once)."""
+    if times == 1:
+        return step
+
+    def run() -> None:
+        for _ in range(times):
+            step()
+
+    return run
+
+
 def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
     """Every variant gets its own copy of one freshly initialised model, on ``x``'s device."""
     base = build_model(config.model, num_classes=config.num_classes, seed=config.seed).to(x.device).train()
@@ -249,9 +264,11 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
     for g in config.generators:
         w, opt = wrap(config.engines[0], g)
         variants.append(Variant(model_step_name(g), functools.partial(_model_step, w, opt, x, y), _clear(opt, w.generator_optimizer)))
+        # with meta_every = k, one timed call runs k batches (one meta step) and counts as k
+        k = config.meta_every
         for engine in config.engines:
             w, opt = wrap(engine, g)
-            variants.append(Variant(meta_step_name(engine, g), functools.partial(w.meta_step, x, y), _clear(opt, w.generator_optimizer)))
+            variants.append(Variant(meta_step_name(engine, g), _repeated(functools.partial(w.meta_step, x, y), k), _clear(opt, w.generator_optimizer), k))
         for engine in config.engines:
             w, opt = wrap(engine, g)
 
@@ -259,10 +276,10 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
                 _model_step(w, opt, x, y)
                 w.meta_step(x, y)
 
-            variants.append(Variant(iteration_name(engine, g), iteration, _clear(opt, w.generator_optimizer)))
+            variants.append(Variant(iteration_name(engine, g), _repeated(iteration, k), _clear(opt, w.generator_optimizer), k))
         for engine in config.engines:
             w, opt = wrap(engine, g)
-            variants.append(Variant(step_name(engine, g), functools.partial(w.step, x, y, opt), _clear(opt, w.generator_optimizer)))
+            variants.append(Variant(step_name(engine, g), _repeated(functools.partial(w.step, x, y, opt), k), _clear(opt, w.generator_optimizer), k))
     return variants
 
 
@@ -339,7 +356,7 @@ def measure(config: Config, *, progress: Callable[[Iterable[int]], Iterable[int]
                 start = perf_counter()
                 variant.step()
                 sync()
-                times[variant.name].append(perf_counter() - start)
+                times[variant.name].append((perf_counter() - start) / variant.calls)
                 gc.collect()
         load_after = _loadavg()
         if config.memory:
@@ -724,7 +741,10 @@ def _header(title: str, command: str, device: torch.device, config: Config, auxl
         ),
         (
             f"- optimizers: SGD(lr={config.lr}) on the model; auxlab defaults otherwise (cross entropy on both heads, "
-            "generator SGD(lr=1e-3, weight_decay=5e-4), inner_lr 0.01, meta step on every batch)"
+            "generator SGD(lr=1e-3, weight_decay=5e-4), inner_lr 0.01, "
+            + ("meta step on every batch)" if config.meta_every == 1 else
+               f"meta_every={config.meta_every}: a meta step every {config.meta_every} batches; meta step, MAXL iteration and "
+               f"wrapper.step are timed over {config.meta_every} consecutive batches and reported per batch)")
         ),
         "- generators: " + "; ".join(GENERATOR_DESCRIPTIONS.get(g, g) for g in config.generators),
         "- virtual step over: "
@@ -835,6 +855,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated parameter names or prefixes for MetaAuxWrapper(virtual_params=...), e.g. aux_head,model.fc "
         "(default: every parameter, as in the paper)",
     )
+    parser.add_argument(
+        "--meta-every", type=int, default=1,
+        help="MetaAuxWrapper(meta_every=k): the meta step on every k-th batch; those variants are timed over k batches, per batch",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--seed", type=int, default=0)
@@ -857,6 +881,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         memory=not args.no_memory, seed=args.seed,
         generators=tuple(g.strip() for g in args.generators.split(",") if g.strip()),
         virtual_params=tuple(p.strip() for p in args.virtual_params.split(",") if p.strip()) if args.virtual_params else None,
+        meta_every=args.meta_every,
     )
     command = "python -m benchmarks.step_cost " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.profile:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -104,3 +105,19 @@ def test_profile_of_the_light_generator_labels_its_classifier_forward_as_the_gen
     assert counts.get("meta step: classifier forward at theta") == 1
     assert counts.get("model step: classifier forward") == 1
 
+
+
+def test_meta_every_runs_k_batches_per_timed_call_and_reports_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auxlab import MetaAuxWrapper
+
+    calls: list[int] = []
+    original = MetaAuxWrapper.step
+    monkeypatch.setattr(MetaAuxWrapper, "step", lambda self, *a, **k: calls.append(self.meta_every) or original(self, *a, **k))
+    config = step_cost.Config(**TINY, repeats=1, warmup=0, engines=("jvp",), memory=False, meta_every=3)
+    variants = {v.name: v for v in step_cost.build_variants(config, *step_cost.make_batch(config, torch.device("cpu")))}
+    step = variants[step_cost.step_name("jvp")]
+    assert step.calls == 3 and variants[step_cost.model_step_name()].calls == 1
+    step.step()
+    assert calls == [3, 3, 3]  # three batches of a wrapper built with meta_every=3
+    report = step_cost.results_markdown(step_cost.measure(config), "python -m benchmarks.step_cost --meta-every 3")
+    assert "meta_every=3: a meta step every 3 batches" in report

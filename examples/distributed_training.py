@@ -69,6 +69,7 @@ def _spawned(rank: int, world: int, init_file: str, args: argparse.Namespace) ->
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train(args)
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -88,6 +89,7 @@ def main() -> None:
         dist.init_process_group("gloo")
         try:
             train(args)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return

@@ -93,6 +93,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results[f"nan_{mode}"] = {"outcome": outcome, "state": wrapper.state_dict()}
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank leaves while another still talks to it
         dist.destroy_process_group()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from torch.func import functional_call
 from auxlab._seeding import seeded
 from auxlab.generators.base import AuxLabelGenerator, check_mask
 from auxlab.hierarchy import HierarchyMask
+from auxlab.multitask import MultiTaskNet
 
 
 class MAXLGenerator(AuxLabelGenerator, name="maxl"):
@@ -166,25 +167,12 @@ class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
         The classifier runs in its current mode on copies of its buffers: no running statistic,
         parameter or ``.grad`` of it changes.
         """
-        model = self._classifier
-        captured: list[Tensor] = []
-        head = model.get_submodule(self.head_name)
-        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-        try:
-            with torch.no_grad():
-                buffers = {name: b.clone() for name, b in model.named_buffers()}
-                if buffers:
-                    functional_call(model, buffers, (x,))
-                else:
-                    model(x)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(
-                f"the head {self.head_name!r} ran {len(captured)} times in one forward pass; "
-                "the light MAXL generator reads its input and needs it to run exactly once"
-            )
-        return captured[0].detach()
+        net = MultiTaskNet(self._classifier, self.head_name, None)  # captures the head's input, checks it ran once
+        with torch.no_grad():
+            buffers = {name: b.clone() for name, b in net.named_buffers()}
+            kwargs = {"with_aux": False, "with_features": True}
+            _, _, features = functional_call(net, buffers, (x,), kwargs) if buffers else net(x, **kwargs)
+        return cast(Tensor, features).detach()
 
     def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
         """Targets from the classifier's features: ``x`` is the ``(B, d)`` head input (``reads_features``).

@@ -33,7 +33,10 @@ from auxlab.distributed import Reducer
 from auxlab.losses import classification_loss, model_step_losses, soft_target_coefficients
 from auxlab.multitask import MultiTaskNet
 
-__all__ = ["ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "MetaProblem", "SharedStep", "get_engine", "linearised_step", "virtual_step"]
+__all__ = [
+    "ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "MetaProblem", "SharedStep", "get_engine", "gradients_at_theta",
+    "linearised_step", "meta_loss_after", "virtual_step",
+]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
 FINITE_DIFFERENCE_SCALE = 0.01
@@ -231,6 +234,34 @@ def linearised_step(
         buffers=step_buffers,
         surrogate=meta_loss + linear - linear.detach(),
     )
+
+
+def gradients_at_theta(problem: MetaProblem) -> tuple[Tensor, Tensor, dict[str, Tensor | None], dict[str, Tensor | None]]:
+    """``(L_pri, L_aux, grad L_pri, grad L_aux)`` on ``(x, y)`` at theta, each gradient by parameter name.
+
+    Detached, for every trainable parameter of the network (None where a loss does not reach it);
+    the forward pass runs on buffer copies.
+    """
+    every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+    with torch.enable_grad():
+        primary, aux = functional_call(problem.net, (every, problem.buffer_copies()), (problem.x,))
+        primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
+        g_pri = torch.autograd.grad(primary_loss, list(every.values()), retain_graph=True, allow_unused=True)
+        g_aux = torch.autograd.grad(aux_loss, list(every.values()), allow_unused=True)
+    return primary_loss.detach(), aux_loss.detach(), dict(zip(every, g_pri)), dict(zip(every, g_aux))
+
+
+def meta_loss_after(problem: MetaProblem, step: Mapping[str, Tensor]) -> Tensor:
+    """``L_pri(f_theta'(x_meta), y_meta)`` at ``theta' = theta - inner_lr * step``.
+
+    ``step`` gives the update direction of the virtual parameters by name (a parameter it leaves
+    out stays at theta; an empty ``step`` gives the meta loss at theta). Differentiable with
+    respect to ``step``, not to theta; no buffer of the network changes.
+    """
+    params = {name: p.detach() for name, p in problem.parameters().items()}
+    moved = virtual_step(params, [step.get(name) for name in params], problem.inner_lr)
+    primary_meta, _ = functional_call(problem.net, (moved, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
+    return problem.primary_loss(primary_meta, problem.y_meta)
 
 
 def linearised_engine(problem: MetaProblem, derivative: DirectionalDerivative) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,17 +11,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from auxlab._checks import check_number
 from auxlab._seeding import seeded
 from auxlab.distributed import Reducer
-from auxlab.engines import SHARED_DERIVATIVES, MetaProblem, get_engine, linearised_step
+from auxlab.engines import (
+    SHARED_DERIVATIVES,
+    MetaProblem,
+    get_engine,
+    gradients_at_theta,
+    linearised_step,
+    meta_loss_after,
+)
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.losses import classification_loss, model_step_losses, negative_entropy
 from auxlab.multitask import MultiTaskNet, find_head
+from auxlab.weighting import AuxWeighting, ConstantWeighting, Scale, build_weighting
 
 __all__ = ["MetaAuxWrapper"]
 
-GeneratorOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 SINGLE_TASK = "single"
 _STATE_FORMAT = 1
@@ -33,10 +41,32 @@ def default_generator_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.O
     return torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
 
 
-class _GeneratorUpdate(NamedTuple):
+def default_weighting_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of a meta-learned weighting's parameters (``weighting="maoal"``): Adam, lr 1e-3."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class _MetaUpdate(NamedTuple):
+    """A meta step's update of the generator (or of a meta-learned weighting), not applied yet."""
+
     objective: Tensor
     params: list[nn.Parameter]
     grads: tuple[Tensor | None, ...]
+    reward: Tensor | None = None  # a policy-gradient strategy's reward, for record_reward
+
+
+def _combined_gradient(primary: Tensor | None, aux: Tensor | None, aux_weight: float, scale: Scale) -> Tensor | None:
+    """``g_pri + aux_weight * scale * g_aux``; None where neither loss reaches the parameter."""
+    if aux is None:
+        return primary
+    weighted = aux * (aux_weight * scale)
+    return weighted if primary is None else primary + weighted
+
+
+def _with_gradient(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor:
+    """A scalar equal to ``value`` whose gradient with respect to ``params`` is ``grads`` (and 0 where None)."""
+    linear = sum(((p * g).sum() for p, g in zip(params, grads) if g is not None), torch.zeros((), device=value.device, dtype=value.dtype))
+    return value.detach() + linear - linear.detach()
 
 
 def _call_on_buffer_copies(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -59,14 +89,6 @@ def _commit_buffers(module: nn.Module, updated: Mapping[str, Tensor]) -> None:
         for name, buffer in module.named_buffers():
             if name in updated:
                 buffer.copy_(updated[name])
-
-
-def _check_number(value: object, name: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return float(value)
 
 
 class MetaAuxWrapper(nn.Module):
@@ -101,6 +123,17 @@ class MetaAuxWrapper(nn.Module):
             ``"kmeans"``.
         generator_optimizer: ``params -> torch.optim.Optimizer`` for the generator's parameters;
             default SGD(lr=1e-3, weight_decay=5e-4) as in the original MAXL code.
+        weighting: how much the auxiliary loss counts in each model step (see
+            :mod:`auxlab.weighting`): ``"constant"`` (default: ``aux_weight``), ``"gcs"`` (gradient
+            cosine similarity), ``"uncertainty"`` (learned task uncertainty), ``"maoal"``
+            (meta-learned weight per module, learned by :meth:`meta_step` on ``(x_meta, y_meta)``),
+            or an :class:`~auxlab.weighting.AuxWeighting` instance. A rule other than the constant
+            one needs a strategy whose labels do not learn (``"human"``, ``"kmeans"``, ``"random"``,
+            ``"sla"``, or your own fixed labels).
+        weighting_kwargs: keyword arguments for building a weighting given by name, e.g.
+            ``{"mode": "scale"}`` for ``"gcs"`` or ``{"modules": ["features.0", "features.3"]}`` for ``"maoal"``.
+        weighting_optimizer: ``params -> torch.optim.Optimizer`` for a meta-learned weighting's
+            parameters; default Adam(lr=1e-3).
         head: name of the model's primary ``nn.Linear`` (as in ``model.named_modules()``). By
             default the model's final ``nn.Linear`` if it has ``num_classes`` outputs, else the
             only ``nn.Linear`` that has.
@@ -162,6 +195,8 @@ class MetaAuxWrapper(nn.Module):
     _generator_optimizer: torch.optim.Optimizer | None
     _reducer: Reducer | None
     _warned_loss: bool
+    weighting: AuxWeighting
+    _weighting_optimizer: torch.optim.Optimizer | None
 
     def __init__(
         self,
@@ -172,7 +207,10 @@ class MetaAuxWrapper(nn.Module):
         mask: HierarchyMask | None = None,
         generator: str | AuxLabelGenerator = "maxl",
         generator_kwargs: Mapping[str, Any] | None = None,
-        generator_optimizer: GeneratorOptimizer | None = None,
+        generator_optimizer: OptimizerFactory | None = None,
+        weighting: str | AuxWeighting = "constant",
+        weighting_kwargs: Mapping[str, Any] | None = None,
+        weighting_optimizer: OptimizerFactory | None = None,
         head: str | None = None,
         inner_lr: float = 0.01,
         aux_weight: float = 1.0,
@@ -192,10 +230,10 @@ class MetaAuxWrapper(nn.Module):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = int(num_classes)
         self.mask = self._build_mask(psi, mask)
-        self.inner_lr = _check_number(inner_lr, "inner_lr", positive=True)
-        self.aux_weight = _check_number(aux_weight, "aux_weight")
-        self.entropy_weight = _check_number(entropy_weight, "entropy_weight")
-        self.focal_gamma = _check_number(focal_gamma, "focal_gamma")
+        self.inner_lr = check_number(inner_lr, "inner_lr", positive=True)
+        self.aux_weight = check_number(aux_weight, "aux_weight")
+        self.entropy_weight = check_number(entropy_weight, "entropy_weight")
+        self.focal_gamma = check_number(focal_gamma, "focal_gamma")
         get_engine(engine)  # a clear error now rather than at the first meta step
         self.engine = engine
         if distributed is not False and engine not in SHARED_DERIVATIVES:
@@ -235,14 +273,40 @@ class MetaAuxWrapper(nn.Module):
         # A view sharing model and aux_head, kept outside the module tree so nothing is registered twice.
         object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
         self._virtual_params = self._select_virtual_params(virtual_params)
+        self.weighting = build_weighting(weighting, weighting_kwargs, model=model, head_name=self.head_name).to(device=linear.weight.device)
         self._reducer = None if distributed is False else Reducer(None if distributed is True else distributed)
+        self._check_combination()
         self._warned_loss = False
         if self._reducer is not None:
             self._reducer.broadcast_(self)  # every rank starts from rank 0's networks and label tables
         learnable = [p for p in self.generator.parameters() if p.requires_grad] if self.generator is not None else []
         self._generator_optimizer = (generator_optimizer or default_generator_optimizer)(learnable) if learnable else None
+        weights = [p for p in self.weighting.parameters() if p.requires_grad] if self.weighting.meta_learned else []
+        self._weighting_optimizer = (weighting_optimizer or default_weighting_optimizer)(weights) if weights else None
 
     # ----------------------------------------------------------------------------------- building
+    def _check_combination(self) -> None:
+        """Refuse combinations of strategy, weighting and distributed training that are not supported."""
+        generator, constant = self.generator, isinstance(self.weighting, ConstantWeighting)
+        if generator is None:
+            if not constant:
+                raise ValueError(f"weighting={self.weighting.name or type(self.weighting).__name__!r} needs an auxiliary loss to weight; generator='single' has none")
+            return
+        name = generator.name or type(generator).__name__
+        if not constant and generator.learns:
+            raise ValueError(
+                f"weighting={self.weighting.name or type(self.weighting).__name__!r} needs labels that do not learn, but generator={name!r} "
+                "learns them in the meta step (whose virtual step uses the constant aux_weight); use a fixed strategy such as 'human' or 'kmeans'"
+            )
+        if not constant and self._reducer is not None:
+            raise ValueError("distributed training supports weighting='constant' only")
+        if generator.learns and generator.learns_by == "policy_gradient" and self._reducer is not None:
+            raise ValueError(f"distributed training does not support generator={name!r}: its policy-gradient reward is not averaged over the ranks")
+        if generator.augments and (generator.learns or generator.needs_index):
+            raise ValueError(f"generator={name!r} augments the batch, so it can neither learn nor read dataset indices")
+        if generator.augments and self.weighting.meta_learned:
+            raise ValueError(f"weighting={self.weighting.name!r} does not support a strategy that augments the batch (generator={name!r})")
+
     def _build_mask(self, psi: int | Sequence[int] | None, mask: HierarchyMask | None) -> HierarchyMask:
         if mask is not None:
             if psi is not None:
@@ -356,24 +420,79 @@ class MetaAuxWrapper(nn.Module):
     def _model_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, bool]:
         """:meth:`loss` after its input checks, and whether the loss was finite."""
         self.steps["model"] += 1
-        reads_features = self.generator is not None and self.generator.reads_features
-        (primary, aux, *features), statistics = _call_on_buffer_copies(
-            self._net, x, with_aux=self.generator is not None, with_features=reads_features
-        )
-        self._check_primary(primary, x)
-        if self.generator is None:
+        generator = self.generator
+        if generator is None:
+            (primary, _), statistics = _call_on_buffer_copies(self._net, x, with_aux=False)
+            self._check_primary(primary, x)
             loss = classification_loss(primary, y, focal_gamma=self.focal_gamma)
-            terms = {"primary loss": loss}
-        else:
-            with torch.no_grad():
-                targets = self._targets(x, y, index, features[0] if features else None)[0]
-            primary_loss, aux_loss = self._loss_terms(primary, aux, y, targets)
-            loss = primary_loss + self.aux_weight * aux_loss
-            terms = {"primary loss": primary_loss, "auxiliary loss": aux_loss}
+            if not self._finite("model", loss, **{"primary loss": loss}):
+                return self._zero_loss(), False
+            _commit_buffers(self._net, statistics)
+            return loss, True
+        x_aux, y_aux = self._augmented(x, y) if generator.augments else (x, y)
+        (primary, aux, *features), statistics = _call_on_buffer_copies(self._net, x_aux, with_features=generator.reads_features)
+        primary = primary[: x.shape[0]]  # with an augmenting strategy, the rows of the untransformed batch
+        self._check_primary(primary, x)
+        with torch.no_grad():
+            targets = self._targets(x_aux, y_aux, index, features[0] if features else None)[0]
+        primary_loss, aux_loss = self._loss_terms(primary, aux, y, targets)
+        terms = {"primary loss": primary_loss, "auxiliary loss": aux_loss}
+        assert aux is not None
+        extra = generator.extra_loss(primary, aux, y)
+        if extra is not None:
+            terms[f"{generator.name or type(generator).__name__} extra loss"] = extra
+            primary_loss = primary_loss + extra  # counted with the primary loss by a gradient-level weighting
+        loss = self.weighting.combine(primary_loss, aux_loss, self.aux_weight)
         if not self._finite("model", loss, **terms):
             return self._zero_loss(), False
+        if self.weighting.needs_gradients:
+            loss = self._weighted_gradient_loss(loss, primary_loss, aux_loss)
         _commit_buffers(self._net, statistics)  # the model's BatchNorm statistics move once, on a finite batch
         return loss, True
+
+    def _weighted_gradient_loss(self, loss: Tensor, primary_loss: Tensor, aux_loss: Tensor) -> Tensor:
+        """``loss`` whose gradient is ``g_pri + aux_weight * scale * g_aux``, scaled per parameter by the weighting."""
+        names, params = zip(*((name, p) for name, p in self._net.named_parameters() if p.requires_grad))
+        g_pri = dict(zip(names, torch.autograd.grad(primary_loss, params, retain_graph=True, allow_unused=True)))
+        g_aux = dict(zip(names, torch.autograd.grad(aux_loss, params, allow_unused=True)))
+        with torch.no_grad():
+            scales = self.weighting.gradient_scales(g_pri, g_aux)
+            grads = [
+                _combined_gradient(g_pri[name], g_aux[name], self.aux_weight, _detached(scales.get(name, 1.0))) for name in names
+            ]
+        return _with_gradient(loss, params, grads)
+
+    def _augmented(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch of an augmenting strategy's auxiliary task, checked."""
+        assert self.generator is not None
+        x_aux, y_aux = self.generator.augment(x, y)
+        name = self.generator.name or type(self.generator).__name__
+        if y_aux is None or y_aux.shape[0] != x_aux.shape[0] or x_aux.shape[0] % x.shape[0] or not torch.equal(y_aux[: y.shape[0]], y):
+            raise ValueError(
+                f"generator={name!r} augmented a batch of {x.shape[0]} into {x_aux.shape[0]} inputs and "
+                f"{None if y_aux is None else y_aux.shape[0]} labels; expected M * {x.shape[0]} of each, the untransformed batch first"
+            )
+        return x_aux, y_aux
+
+    def aggregated_logits(self, x: Tensor) -> Tensor:
+        """SLA's aggregated inference: ``(B, C)`` class scores from the auxiliary (joint) head.
+
+        Runs the network on the strategy's transformed copies of ``x`` and combines the joint
+        head's scores of each class over the transformations (``generator.aggregate``);
+        ``softmax`` of the result is the aggregated prediction. No running statistic changes;
+        call ``wrapper.eval()`` first for test-time BatchNorm. The plain primary head stays
+        available as ``wrapper(x)``.
+
+        Raises:
+            ValueError: if the strategy does not augment the batch (e.g. ``generator="sla"``).
+        """
+        if self.generator is None or not self.generator.augments:
+            name = "single" if self.generator is None else (self.generator.name or type(self.generator).__name__)
+            raise ValueError(f"aggregated_logits needs a strategy that augments the batch, such as generator='sla'; this wrapper has generator={name!r}")
+        x_aux, _ = self.generator.augment(x, None)
+        (_, aux), _ = _call_on_buffer_copies(self._net, x_aux)
+        assert aux is not None
+        return self.generator.aggregate(aux)
 
     def meta_step(
         self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *, index: Tensor | None = None
@@ -407,10 +526,10 @@ class MetaAuxWrapper(nn.Module):
         self.last_meta_objective = None
         if not self._meta_due():
             return None
-        statistics, update = self._engine_update(x, y, x_meta, y_meta, index)
+        statistics, update = self._meta_update(x, y, x_meta, y_meta, index)
         if update is None:
             return None
-        self._update_generator(statistics, update)
+        self._apply_meta_update(statistics, update)
         return update.objective
 
     def step(
@@ -446,12 +565,12 @@ class MetaAuxWrapper(nn.Module):
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
         self.last_meta_objective = None
         due = self._meta_due()
-        if not due or self.engine not in SHARED_DERIVATIVES:
+        if not due or self.engine not in SHARED_DERIVATIVES or not self._learns_by_hypergradient:
             # the meta update is computed first, so that a non-finite one raises before the model's statistics move
-            statistics, update = self._engine_update(x, y, x_meta, y_meta, index) if due else ({}, None)
+            statistics, update = self._meta_update(x, y, x_meta, y_meta, index) if due else ({}, None)
             loss, model_finite = self._model_loss(x, y, index)
             if update is not None:
-                self._update_generator(statistics, update)
+                self._apply_meta_update(statistics, update)
             if model_finite:
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
@@ -480,7 +599,7 @@ class MetaAuxWrapper(nn.Module):
                     p.grad = shared.grads[name]
             optimizer.step()
         if update is not None:
-            self._update_generator(statistics, update)
+            self._apply_meta_update(statistics, update)
         return loss
 
     def _check_meta_inputs(
@@ -495,20 +614,78 @@ class MetaAuxWrapper(nn.Module):
             return y, x, y
         return y, x_meta, self._check_batch(x_meta, y_meta, "x_meta", "y_meta")
 
+    @property
+    def _learns_by_hypergradient(self) -> bool:
+        """Whether the meta step is MAXL's: the generator's hypergradient through an engine."""
+        return self._generator_optimizer is not None and self.generator is not None and self.generator.learns_by == "hypergradient"
+
     def _meta_due(self) -> bool:
-        """Whether this call takes a meta step: the generator learns, and ``meta_every`` says so."""
-        if self.generator is None or self._generator_optimizer is None:
+        """Whether this call takes a meta step: something learns in it, and ``meta_every`` says so."""
+        if self._generator_optimizer is None and self._weighting_optimizer is None:
             return False
         self.steps["meta"] += 1
         return (self.steps["meta"] - 1) % self.meta_every == 0
 
-    def _engine_update(
+    def _meta_update(
         self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
-    ) -> tuple[dict[str, Tensor], _GeneratorUpdate | None]:
-        """The generator's updated buffers and its update through the configured engine (not applied yet)."""
+    ) -> tuple[dict[str, Tensor], _MetaUpdate | None]:
+        """The generator's updated buffers and the meta step's update (not applied yet): the
+        generator's through the configured engine or by policy gradient, or a meta-learned weighting's."""
+        if self._weighting_optimizer is not None:
+            return {}, self._weighting_hypergradient(x, y, x_meta, y_meta, index)
+        if not self._learns_by_hypergradient:
+            return {}, self._policy_gradient(x, y, x_meta, y_meta, index)
         targets, statistics = self._targets(x, y, index)
         meta_primary = get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta))
         return statistics, self._hypergradient(meta_primary, targets)
+
+    def _policy_gradient(self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None) -> _MetaUpdate | None:
+        """REINFORCE: reward = decrease of the meta batch's primary loss after a virtual step on sampled labels."""
+        assert self.generator is not None
+        targets, log_prob = self.generator.sample(self._generator_input(x), y, index)
+        expected = (y.shape[0], self.mask.num_aux_classes)
+        if targets.shape != expected or log_prob.shape != expected[:1]:
+            raise ValueError(f"generator.sample returned targets {tuple(targets.shape)} and log_prob {tuple(log_prob.shape)}; expected {expected} and {expected[:1]}")
+        problem = self._problem(x, y, targets.detach(), x_meta, y_meta)
+        _, _, g_pri, g_aux = gradients_at_theta(problem)
+        with torch.no_grad():
+            before = meta_loss_after(problem, {})
+            after = meta_loss_after(problem, self._step_direction(problem, g_pri, g_aux, {}))
+        reward = before - after
+        objective = self.generator.policy_objective(log_prob, reward)
+        terms = {"reward": reward, "policy objective": objective}
+        return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, reward=reward)
+
+    def _weighting_hypergradient(self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None) -> _MetaUpdate | None:
+        """A meta-learned weighting's exact hypergradient: theta' is linear in the weights."""
+        with torch.no_grad():
+            targets = self._targets(x, y, index)[0]
+        problem = self._problem(x, y, targets, x_meta, y_meta)
+        _, _, g_pri, g_aux = gradients_at_theta(problem)
+        meta_primary = meta_loss_after(problem, self._step_direction(problem, g_pri, g_aux, self.weighting.gradient_scales(g_pri, g_aux)))
+        terms = {"primary loss at theta'": meta_primary}
+        return self._meta_gradient("meta", meta_primary, list(self.weighting.parameters()), terms)
+
+    def _step_direction(
+        self, problem: MetaProblem, g_pri: Mapping[str, Tensor | None], g_aux: Mapping[str, Tensor | None], scales: Mapping[str, Scale]
+    ) -> dict[str, Tensor]:
+        """The virtual step's direction ``g_pri + aux_weight * scale * g_aux`` for each virtual parameter."""
+        direction = {name: _combined_gradient(g_pri[name], g_aux[name], self.aux_weight, scales.get(name, 1.0)) for name in problem.parameters()}
+        return {name: g for name, g in direction.items() if g is not None}
+
+    def _meta_gradient(
+        self, step: str, objective: Tensor, params: Sequence[nn.Parameter], terms: Mapping[str, Tensor], *, reward: Tensor | None = None
+    ) -> _MetaUpdate | None:
+        """The gradient of ``objective`` for ``params``, checked finite; None if skipped as non-finite."""
+        learnable = [p for p in params if p.requires_grad]
+        grads = torch.autograd.grad(objective, learnable, allow_unused=True)
+        if self._reducer is not None:  # each rank holds the share of its own samples
+            self._reducer.sum_([g for g in grads if g is not None])
+        present = [g for g in grads if g is not None]
+        gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
+        if not self._finite(step, objective + gradient_norm, **terms, **{"hypergradient norm": gradient_norm}):
+            return None
+        return _MetaUpdate(objective.detach(), learnable, grads, None if reward is None else reward.detach())
 
     def _problem(self, x: Tensor, y: Tensor, targets: Tensor, x_meta: Tensor, y_meta: Tensor) -> MetaProblem:
         if self._reducer is not None and self.engine not in SHARED_DERIVATIVES:
@@ -519,7 +696,7 @@ class MetaAuxWrapper(nn.Module):
             reducer=self._reducer,
         )
 
-    def _hypergradient(self, meta_primary: Tensor, targets: Tensor) -> _GeneratorUpdate | None:
+    def _hypergradient(self, meta_primary: Tensor, targets: Tensor) -> _MetaUpdate | None:
         """The generator's gradient of ``meta_primary + entropy_weight * entropy``; None if skipped as non-finite."""
         assert self.generator is not None
         label_distribution = targets.mean(dim=0)
@@ -527,35 +704,40 @@ class MetaAuxWrapper(nn.Module):
             label_distribution = self._reducer.mean(label_distribution)
         entropy_term = negative_entropy(label_distribution)
         objective = meta_primary + self.entropy_weight * entropy_term
-        params = [p for p in self.generator.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
-        if self._reducer is not None:  # each rank holds the share of its own samples
-            self._reducer.sum_([g for g in grads if g is not None])
-        present = [g for g in grads if g is not None]
-        gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
-        terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term, "hypergradient norm": gradient_norm}
-        if not self._finite("meta", objective + gradient_norm, **terms):
-            return None
-        return _GeneratorUpdate(objective.detach(), params, grads)
+        terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term}
+        return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms)
 
-    def _update_generator(self, statistics: Mapping[str, Tensor], update: _GeneratorUpdate) -> None:
-        assert self.generator is not None and self._generator_optimizer is not None
-        _commit_buffers(self.generator, statistics)  # the generator's BatchNorm statistics move in its own step
-        self._generator_optimizer.zero_grad(set_to_none=True)
+    def _apply_meta_update(self, statistics: Mapping[str, Tensor], update: _MetaUpdate) -> None:
+        """Step the generator's optimizer (or a meta-learned weighting's) with ``update``."""
+        if self._weighting_optimizer is not None:
+            optimizer = self._weighting_optimizer
+        else:
+            assert self.generator is not None and self._generator_optimizer is not None
+            _commit_buffers(self.generator, statistics)  # the generator's BatchNorm statistics move in its own step
+            optimizer = self._generator_optimizer
+        optimizer.zero_grad(set_to_none=True)
         for p, g in zip(update.params, update.grads):
             p.grad = g
-        self._generator_optimizer.step()
+        optimizer.step()
+        if self._weighting_optimizer is not None:
+            self.weighting.after_meta_step()
+        if update.reward is not None:
+            assert self.generator is not None
+            self.generator.record_reward(update.reward)
         self.last_meta_objective = update.objective
 
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
-        """Parameters of the classifier and the auxiliary head: what the user's optimizer steps.
+        """Parameters of the classifier, the auxiliary head and a weighting's own parameters
+        (``"uncertainty"``): what the user's optimizer steps.
 
         The generator's parameters are excluded (they are ``wrapper.generator.parameters()``,
-        stepped by :meth:`meta_step`); ``state_dict()`` still holds all of them.
+        stepped by :meth:`meta_step`), and so are a meta-learned weighting's; ``state_dict()``
+        still holds all of them.
         """
-        skip = f"{prefix}.generator." if prefix else "generator."
+        dot = f"{prefix}." if prefix else ""
+        skip = (f"{dot}generator.", f"{dot}weighting.") if self.weighting.meta_learned else (f"{dot}generator.",)
         for name, p in super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate):
             if not name.startswith(skip):
                 yield name, p
@@ -569,6 +751,7 @@ class MetaAuxWrapper(nn.Module):
             "psi": list(self.mask.psi),
             "single_task": self.is_single_task,
             "generator_optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "weighting_optimizer": self._weighting_optimizer.state_dict() if self._weighting_optimizer is not None else None,
             "steps": dict(self.steps),
             "skipped_steps": dict(self.skipped_steps),
         }
@@ -577,6 +760,8 @@ class MetaAuxWrapper(nn.Module):
         self._check_extra_state(state)
         if self._generator_optimizer is not None and state["generator_optimizer"] is not None:
             self._generator_optimizer.load_state_dict(state["generator_optimizer"])
+        if self._weighting_optimizer is not None and state.get("weighting_optimizer") is not None:
+            self._weighting_optimizer.load_state_dict(state["weighting_optimizer"])
         self.steps = dict(state["steps"])
         self.skipped_steps = dict(state["skipped_steps"])
 
@@ -654,16 +839,23 @@ class MetaAuxWrapper(nn.Module):
         caller's forward pass has it, else from a forward pass here (no gradient, buffer copies).
         """
         assert self.generator is not None
-        if self.generator.reads_features:
-            if features is None:
-                with torch.no_grad():
-                    features = _call_on_buffer_copies(self._net, x, with_aux=False, with_features=True)[0][2]
-            x = features.detach()
-        targets, statistics = _call_on_buffer_copies(self.generator, x, y, index)
+        targets, statistics = _call_on_buffer_copies(self.generator, self._generator_input(x, features), y, index)
         expected = (y.shape[0], self.mask.num_aux_classes)
         if targets.shape != expected:
             raise ValueError(f"the generator returned targets of shape {tuple(targets.shape)}; expected {expected} (B, K=sum(psi))")
         return targets, statistics
+
+    def _generator_input(self, x: Tensor, features: Tensor | None = None) -> Tensor:
+        """What the generator reads: ``x``, or for a strategy that ``reads_features`` the classifier's
+        head input, detached (``features`` when the caller's forward pass has it, else a forward
+        pass here without gradient, on buffer copies)."""
+        assert self.generator is not None
+        if not self.generator.reads_features:
+            return x
+        if features is None:
+            with torch.no_grad():
+                features = _call_on_buffer_copies(self._net, x, with_aux=False, with_features=True)[0][2]
+        return features.detach()
 
     @property
     def _device(self) -> torch.device:
@@ -707,3 +899,7 @@ class MetaAuxWrapper(nn.Module):
         expected = (x.shape[0], self.num_classes)
         if primary.shape != expected:
             raise ValueError(f"the model returned shape {tuple(primary.shape)} but (B, num_classes) = {expected} was expected")
+
+
+def _detached(scale: Scale) -> Scale:
+    return scale.detach() if isinstance(scale, Tensor) else scale

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,11 @@ class AuxLabelGenerator(nn.Module):
 
     - ``needs_index``: ``forward`` reads the samples' dataset indices (``index``), e.g. for a fixed
       label per training sample; wrap the dataset in :class:`auxlab.data.IndexedDataset`.
+    - ``reads_features``: ``forward`` reads the classifier's head input instead of ``x``.
+    - ``augments``: the auxiliary task is posed on transformed copies of the batch (SLA):
+      the wrapper calls :meth:`augment` and trains the auxiliary head on its result.
+    - ``learns_by``: how trainable parameters learn: ``"hypergradient"`` (MAXL's meta step) or
+      ``"policy_gradient"`` (REINFORCE through :meth:`sample` and :meth:`policy_objective`).
 
     Giving ``name="..."`` in the class statement registers the class under that name, so that
     ``MetaAuxWrapper(generator="...")`` can build it through :meth:`from_wrapper`.
@@ -50,6 +55,10 @@ class AuxLabelGenerator(nn.Module):
     #: then calls ``forward`` with the ``(B, d)`` input of the classifier's primary head, detached,
     #: from its own forward pass, in place of ``x`` (no second classifier forward for the targets).
     reads_features: ClassVar[bool] = False
+    #: Whether the auxiliary head trains on :meth:`augment`'s transformed copies of the batch.
+    augments: ClassVar[bool] = False
+    #: How the meta step trains the strategy's parameters (if it has any).
+    learns_by: ClassVar[Literal["hypergradient", "policy_gradient"]] = "hypergradient"
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,3 +107,52 @@ class AuxLabelGenerator(nn.Module):
     def one_hot(self, column: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
         """``(B, K)`` one-hot targets from ``(B,)`` auxiliary columns (for strategies with hard labels)."""
         return nn.functional.one_hot(column, self.mask.num_aux_classes).to(dtype)
+
+    def augment(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """For ``augments`` strategies: the batch the auxiliary head trains on, ``(x_all, y_all)``.
+
+        ``x_all`` is ``(M * B, ...)``, ``M`` transformed copies of the batch stacked copy by copy;
+        its first ``B`` rows must be ``x`` itself (the identity comes first), because the primary
+        head trains on them. :meth:`forward` then receives ``(x_all, y_all)``. ``y`` is None at
+        inference (:meth:`aggregate`), and so is ``y_all`` then. The default returns the batch
+        unchanged.
+        """
+        return x, y
+
+    def aggregate(self, aux: Tensor) -> Tensor:
+        """For ``augments`` strategies: ``(B, C)`` class scores from the auxiliary head's logits on
+        ``augment(x, None)[0]`` (SLA's aggregated inference; ``MetaAuxWrapper.aggregated_logits``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no aggregated inference over its auxiliary head")
+
+    def extra_loss(self, primary: Tensor, aux: Tensor, y: Tensor) -> Tensor | None:
+        """An additional term of the model step's loss, e.g. SLA's self-distillation; default None.
+
+        Args:
+            primary: ``(B, C)`` primary logits of the batch.
+            aux: auxiliary logits of the batch the auxiliary head saw (``(M * B, K)`` for an
+                ``augments`` strategy).
+            y: ``(B,)`` labels.
+        """
+        return None
+
+    def sample(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """For ``learns_by = "policy_gradient"``: sampled targets and their log-probabilities.
+
+        Returns:
+            ``(targets, log_prob)``: ``(B, K)`` targets, detached, zero outside each block, and the
+            ``(B,)`` log-probability of each sample's drawn action under the policy, differentiable
+            with respect to the strategy's parameters.
+        """
+        raise NotImplementedError(f"{type(self).__name__} learns by policy gradient and must implement sample(x, y, index=None)")
+
+    def policy_objective(self, log_prob: Tensor, reward: Tensor) -> Tensor:
+        """For ``learns_by = "policy_gradient"``: the scalar whose gradient is the REINFORCE estimate.
+
+        The meta step minimises it; ``reward`` (a detached scalar) is the decrease of the primary
+        loss on the meta batch that the sampled targets' virtual step achieved. Called with the
+        ``log_prob`` of :meth:`sample`; :meth:`record_reward` follows once the step is committed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} learns by policy gradient and must implement policy_objective(log_prob, reward)")
+
+    def record_reward(self, reward: Tensor) -> None:
+        """Called after a committed policy-gradient step with its reward (e.g. to move a baseline)."""

@@ -66,6 +66,9 @@ class AuxWeighting(nn.Module):
                 raise ValueError(f"a weighting named {name!r} is already registered ({WEIGHTINGS[name].__name__})")
             WEIGHTINGS[name] = cls
 
+    def __init__(self) -> None:
+        super().__init__()
+
     @classmethod
     def from_wrapper(cls, *, model: nn.Module, head_name: str, **kwargs: Any) -> AuxWeighting:
         """Build the rule for ``MetaAuxWrapper(weighting="name", weighting_kwargs=kwargs)``.

@@ -378,7 +378,8 @@ class MetaAuxWrapper(nn.Module):
         return cast(Tensor, self.model(x))
 
     def aux_targets(self, x: Tensor, y: Tensor, *, index: Tensor | None = None) -> Tensor:
-        """The generator's auxiliary targets for a batch, without gradient: ``(B, K)`` probabilities.
+        """The generator's auxiliary targets for a batch, without gradient: ``(B, K)`` probabilities
+        (``(M * B, K)``, for the transformed copies of the batch, with a strategy that augments it).
 
         Uses the generator's current mode (train or eval) and does not update its running statistics.
         """
@@ -386,6 +387,8 @@ class MetaAuxWrapper(nn.Module):
             raise ValueError("generator='single' trains without auxiliary labels; there are no targets")
         y = self._check_batch(x, y, "x", "y")
         self._check_index_given(index)
+        if self.generator.augments:
+            x, y = self._augmented(x, y)
         with torch.no_grad():
             return self._targets(x, y, index)[0]
 

@@ -13,8 +13,16 @@ Times, in one process, after warm-up, with the variants interleaved round-robin 
 
 (3) to (6) are repeated for every label generator of ``--generators`` (default ``maxl``, the
 paper's copy of the classifier); a generator other than ``maxl`` is named in the variant, e.g.
-``wrapper.step (jvp, maxl-light)``. All of them run in the same round-robin, so their ratios are
-comparable with each other.
+``wrapper.step (jvp, maxl-light)``.
+
+7. ``wrapper.step [<method>]``: for every method of ``--methods``, written as the experiments
+   runner's strategies ``generator[+weighting]`` (e.g. ``random+gcs``, ``random+maoal``, ``sla``,
+   ``rl``): ``wrapper.step(x, y, opt, index=..., x_meta=..., y_meta=...)`` with a development batch
+   of the same size as the meta batch (used by ``maoal`` and ``rl``). ``random`` stands for every
+   fixed-label strategy (``kmeans`` and ``human`` cost the same: a table lookup); ``sla`` uses
+   ``psi = 4``, its four rotations.
+
+All of them run in the same round-robin, so their ratios are comparable with each other.
 
 and reports each one's median time, interquartile range and fastest time, its ratio to (1) and its
 peak memory as a ratio to (1)'s. ``--profile`` instead runs ``torch.profiler`` over a few labelled
@@ -88,6 +96,10 @@ def step_name(engine: str, generator: str = DEFAULT_GENERATOR) -> str:
     return _named("wrapper.step", engine, generator)
 
 
+def method_step_name(method: str) -> str:
+    return f"wrapper.step [{method}]"
+
+
 def default_engines() -> tuple[str, ...]:
     """Every hypergradient engine auxlab registers, in its order."""
     from auxlab.engines import ENGINES
@@ -114,6 +126,7 @@ class Config:
     virtual_params: tuple[str, ...] | None = None
     generators: tuple[str, ...] = (DEFAULT_GENERATOR,)
     meta_every: int = 1
+    methods: tuple[str, ...] = ()
 
     def variant_names(self) -> list[str]:
         """The variants :func:`measure` reports, in table order."""
@@ -125,7 +138,7 @@ class Config:
                 + [iteration_name(e, g) for e in self.engines]
                 + [step_name(e, g) for e in self.engines]
             )
-        return names
+        return names + [method_step_name(m) for m in self.methods]
 
     def wrapper_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of every MAXL wrapper the benchmark builds."""
@@ -280,6 +293,17 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
         for engine in config.engines:
             w, opt = wrap(engine, g)
             variants.append(Variant(step_name(engine, g), _repeated(functools.partial(w.step, x, y, opt), k), _clear(opt, w.generator_optimizer), k))
+    index = torch.arange(x.shape[0], device=x.device)
+    x_dev, y_dev = x.flip(0), y.flip(0)  # a development batch for maoal and rl
+    for method in config.methods:
+        generator, _, weighting = method.partition("+")
+        kwargs = {**config.wrapper_kwargs(), "psi": 4 if generator == "sla" else config.psi, "weighting": weighting or "constant"}
+        if generator == "random":
+            kwargs["generator_kwargs"] = {"num_samples": x.shape[0]}
+        w = MetaAuxWrapper(copy.deepcopy(base), num_classes=config.num_classes, generator=generator, engine=config.engines[0], **kwargs).train()
+        opt = torch.optim.SGD(w.parameters(), lr=config.lr)
+        step = functools.partial(w.step, x, y, opt, index=index, x_meta=x_dev, y_meta=y_dev)
+        variants.append(Variant(method_step_name(method), step, _clear(opt, w.generator_optimizer, w._weighting_optimizer)))
     return variants
 
 
@@ -751,6 +775,8 @@ def _header(title: str, command: str, device: torch.device, config: Config, auxl
         + ("every trainable parameter (as in the paper)" if config.virtual_params is None else ", ".join(config.virtual_params)),
         f"- engines: {', '.join(config.engines)}",
     ]
+    if config.methods:
+        lines.append(f"- methods (`wrapper.step [...]` rows; engine {config.engines[0]} where one is used): {', '.join(config.methods)}")
     return lines
 
 
@@ -859,6 +885,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--meta-every", type=int, default=1,
         help="MetaAuxWrapper(meta_every=k): the meta step on every k-th batch; those variants are timed over k batches, per batch",
     )
+    parser.add_argument(
+        "--methods", default="",
+        help="comma-separated strategies as the experiments runner writes them, generator[+weighting], e.g. "
+        "random,random+gcs,random+uncertainty,random+maoal,sla,rl: one wrapper.step variant each",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--seed", type=int, default=0)
@@ -882,6 +913,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         generators=tuple(g.strip() for g in args.generators.split(",") if g.strip()),
         virtual_params=tuple(p.strip() for p in args.virtual_params.split(",") if p.strip()) if args.virtual_params else None,
         meta_every=args.meta_every,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
     )
     command = "python -m benchmarks.step_cost " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.profile:

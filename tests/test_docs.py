@@ -1,4 +1,4 @@
-"""The documentation runs: every ```python block of README.md and docs/*.md, and every signature
+"""The documentation runs: every ```python block of README.md, docs/*.md and docs/methods/*.md, and every signature
 that docs/api.md states, checked against the code.
 
 Each Markdown file's blocks run in order in one namespace (a block may use what an earlier block of
@@ -28,13 +28,15 @@ import torch
 
 import auxlab
 from auxlab.generators import GENERATORS
+from auxlab.generators.sla import TRANSFORMATIONS
+from auxlab.weighting import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "docs" / "methods").glob("*.md")])
 NOT_RUN = "<!-- not-run -->"
 SIGNATURE = "<!-- signature -->"
 #: Where a signature's first name is looked up when it does not start with ``auxlab.``.
-SIGNATURE_MODULES = ("auxlab", "auxlab.data", "auxlab.generators", "auxlab.engines")
+SIGNATURE_MODULES = ("auxlab", "auxlab.data", "auxlab.generators", "auxlab.weighting", "auxlab.engines")
 
 _FENCE_OPEN = re.compile(r"^(\s*)```+\s*python\s*$")
 _FENCE_CLOSE = re.compile(r"^\s*```+\s*$")
@@ -109,10 +111,11 @@ def test_parser_finds_blocks_markers_and_lines() -> None:
 # ------------------------------------------------------------------------------ the blocks run
 @pytest.fixture
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A temporary working directory; torch's RNG, default dtype, thread count and the strategy
-    registry restored afterwards. One thread: the snippets are tiny, and threads only add overhead."""
+    """A temporary working directory; torch's RNG, default dtype, thread count and the registries
+    (strategies, weightings, SLA transformations) restored afterwards. One thread: the snippets are tiny, and threads only add overhead."""
     monkeypatch.chdir(tmp_path)
-    registry, dtype, threads = dict(GENERATORS), torch.get_default_dtype(), torch.get_num_threads()
+    registry, weightings, transformations = dict(GENERATORS), dict(WEIGHTINGS), dict(TRANSFORMATIONS)
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -123,6 +126,10 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         torch.set_default_dtype(dtype)
         GENERATORS.clear()
         GENERATORS.update(registry)
+        WEIGHTINGS.clear()
+        WEIGHTINGS.update(weightings)
+        TRANSFORMATIONS.clear()
+        TRANSFORMATIONS.update(transformations)
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=_relative)

@@ -9,6 +9,8 @@ name                  class                                      labels
 ``"random"``          :class:`~auxlab.generators.random_labels.RandomLabels`  fixed, random
 ``"kmeans"``          :class:`~auxlab.generators.kmeans.KMeansLabels`         fixed, clusters per class
 ``"human"``           :class:`~auxlab.generators.human.HumanLabels`           fixed, the dataset's fine labels
+``"rl"``              :class:`~auxlab.generators.rl_labels.PolicyLabels`      sampled by a policy on the classifier's features, trained by REINFORCE
+``"sla"``             :class:`~auxlab.generators.sla.SLALabels`               fixed, (class, transformation) of rotated copies
 ====================  =========================================  ===========================
 """
 
@@ -17,5 +19,7 @@ from auxlab.generators.human import HumanLabels
 from auxlab.generators.kmeans import KMeansLabels
 from auxlab.generators.maxl import LightMAXLGenerator, MAXLGenerator
 from auxlab.generators.random_labels import RandomLabels
+from auxlab.generators.rl_labels import PolicyLabels
+from auxlab.generators.sla import SLALabels
 
-__all__ = ["GENERATORS", "AuxLabelGenerator", "HumanLabels", "KMeansLabels", "LightMAXLGenerator", "MAXLGenerator", "RandomLabels"]
+__all__ = ["GENERATORS", "AuxLabelGenerator", "HumanLabels", "KMeansLabels", "LightMAXLGenerator", "MAXLGenerator", "PolicyLabels", "RandomLabels", "SLALabels"]

@@ -373,6 +373,11 @@ class MetaAuxWrapper(nn.Module):
         """The optimizer of the generator's parameters, stepped by :meth:`meta_step` (None if it learns nothing)."""
         return self._generator_optimizer
 
+    @property
+    def weighting_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of a meta-learned weighting's parameters (``weighting="maoal"``), stepped by :meth:`meta_step`; else None."""
+        return self._weighting_optimizer
+
     def forward(self, x: Tensor) -> Tensor:
         """The classifier's own primary logits ``(B, C)``: exactly ``model(x)``."""
         return cast(Tensor, self.model(x))

@@ -303,7 +303,7 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
         w = MetaAuxWrapper(copy.deepcopy(base), num_classes=config.num_classes, generator=generator, engine=config.engines[0], **kwargs).train()
         opt = torch.optim.SGD(w.parameters(), lr=config.lr)
         step = functools.partial(w.step, x, y, opt, index=index, x_meta=x_dev, y_meta=y_dev)
-        variants.append(Variant(method_step_name(method), step, _clear(opt, w.generator_optimizer, w._weighting_optimizer)))
+        variants.append(Variant(method_step_name(method), step, _clear(opt, w.generator_optimizer, w.weighting_optimizer)))
     return variants
 
 
@@ -489,7 +489,7 @@ class _Labeller:
             return self._grad(*args, **kwargs)
         caller = sys._getframe(1).f_code.co_name
         create_graph = kwargs.get("create_graph", args[4] if len(args) > 4 else False)
-        if caller == "_hypergradient":
+        if caller == "_meta_gradient":  # the generator's (or a weighting's) gradient
             what = "hypergradient backward"
         elif create_graph:
             what = "virtual-step grad (create_graph=True)"

@@ -18,6 +18,7 @@ from torch import Tensor
 
 import auxlab.experiments.run as run_module
 from auxlab import AuxLabelGenerator, MetaAuxWrapper
+from auxlab.checkpoint import load_checkpoint
 from auxlab.datasets import FASHION_MNIST_ROOT, ImageDataset
 from auxlab.experiments import (
     SMOKE,
@@ -34,7 +35,9 @@ from auxlab.experiments import (
 )
 from auxlab.experiments.config import build_parser
 from auxlab.experiments.report import summarise
-from auxlab.experiments.run import _progress_bar
+from auxlab.experiments.run import _progress_bar, build_wrapper, generator_kwargs, run_data
+from auxlab.experiments.strategies import Strategy
+from auxlab.generators import GENERATORS
 from auxlab.hierarchy import HierarchyMask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +164,42 @@ def test_round_trip_through_json() -> None:
 )
 def test_bad_values_name_the_field(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(argv)
+
+
+def test_strategy_syntax() -> None:
+    config = parse_args(["--strategies", "single,maxl,human+gcs,kmeans+maoal,random+uncertainty,sla,rl,kmeans+constant"])
+    assert config.strategies == ("single", "maxl", "human+gcs", "kmeans+maoal", "random+uncertainty", "sla", "rl", "kmeans+constant")
+    parsed = [Strategy.parse(s) for s in config.strategies]
+    assert [(s.generator, s.weighting) for s in parsed] == [
+        ("single", "constant"), ("maxl", "constant"), ("human", "gcs"), ("kmeans", "maoal"), ("random", "uncertainty"),
+        ("sla", "constant"), ("rl", "constant"), ("kmeans", "constant"),
+    ]
+    # What a run needs is read from the classes: maoal's and rl's meta steps learn from a development split.
+    assert [s.needs_dev_split for s in parsed] == [False, False, False, True, False, False, True, False]
+    assert [s.has_label_diagnostics for s in parsed] == [False, True, True, True, True, False, True, True]
+    assert Strategy.parse("sla").psi((5, 5, 2)) == (4, 4, 4) and Strategy.parse("kmeans+gcs").psi((5, 5, 2)) == (5, 5, 2)
+    kwargs = parse_args(["--weighting-kwargs", '{"gcs": {"mode": "scale"}}']).weighting_kwargs
+    assert kwargs == {"gcs": {"mode": "scale"}}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategies", "single,kmeans+gsc"], ("strategies has 'kmeans+gsc' with unknown weighting 'gsc' (did you mean 'gcs'?); "
+                                                 "write generator+weighting with a weighting among constant, gcs, maoal, uncertainty")),
+        (["--strategies", "single+gcs"], "strategies has 'single+gcs', but 'single' trains without an auxiliary loss"),
+        (["--strategies", "kmeans+"], "strategies has 'kmeans+' with unknown weighting ''"),
+        (["--strategies", "kmeanz+gcs"], "unknown strategy 'kmeanz+gcs' (did you mean 'kmeans'?); known strategies: human, kmeans"),
+        (["--strategies", "kmeans+gcs,kmeans+gcs"], "strategies lists kmeans+gcs more than once"),
+        (["--dev-fraction", "0.6"], "dev_fraction must lie in (0, 0.5], got 0.6"),
+        (["--dev-fraction", "0"], "dev_fraction must lie in (0, 0.5], got 0.0"),
+        (["--weighting-kwargs", '{"gsc": {}}'], "weighting_kwargs has unknown weighting 'gsc'; its keys must be weightings among"),
+        (["--weighting-kwargs", '{"gcs": "scale"}'], "weighting_kwargs['gcs'] must be a JSON object of keyword arguments, got 'scale'"),
+    ],
+)
+def test_bad_strategies_name_the_strategy_and_the_choices(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(argv)
 
 
@@ -402,6 +441,149 @@ def test_fashion_mnist_coarse_task_with_human_labels(tmp_path: Path) -> None:
         run_experiment(replace(config, psi=(2,)), log=quiet)
 
 
+# ------------------------------------------------------------------------------ weightings, development split, sla, rl
+def meta_batches_seen(monkeypatch: pytest.MonkeyPatch) -> list[Tensor | None]:
+    """From now on, collect the ``x_meta`` of every ``wrapper.step`` and ``wrapper.meta_step`` call (None where not given)."""
+    seen: list[Tensor | None] = []
+    step, meta_step = MetaAuxWrapper.step, MetaAuxWrapper.meta_step
+
+    def spy_step(self: MetaAuxWrapper, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("x_meta"))
+        return step(self, *args, **kwargs)
+
+    def spy_meta_step(self: MetaAuxWrapper, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("x_meta", args[2] if len(args) > 2 else None))
+        return meta_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MetaAuxWrapper, "step", spy_step)
+    monkeypatch.setattr(MetaAuxWrapper, "meta_step", spy_meta_step)
+    return seen
+
+
+def rows_of(x: Tensor, images: Tensor) -> set[int]:
+    """The row of ``images`` equal to each row of ``x`` (every one must be there)."""
+    flat = images.flatten(1)
+    rows = [int((flat == row).all(1).nonzero()[0]) for row in x.flatten(1)]
+    return set(rows)
+
+
+@pytest.mark.parametrize("schedule", ["per-batch", "alternating"])
+def test_weightings_run_end_to_end_and_maoal_learns_from_a_development_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, schedule: str
+) -> None:
+    config = tiny(tmp_path, strategies=("single", "kmeans+gcs", "random+uncertainty", "random+maoal", "kmeans+maoal"),
+                  seeds=(0,), schedule=schedule, weighting_kwargs={"gcs": {"mode": "scale"}})
+    seen = meta_batches_seen(monkeypatch)
+    result = run_experiment(config, log=quiet)
+    final = {r["strategy"]: r for r in result.records if r["epoch"] == 1}
+    start = {r["strategy"]: r for r in result.records if r["epoch"] == 0}
+    whole = final["single"]["train_samples"]
+    assert whole == 180 and final["single"]["dev_samples"] is None  # 200 less the validation split
+    for name in ("kmeans+gcs", "random+uncertainty"):
+        assert (final[name]["train_samples"], final[name]["dev_samples"]) == (whole, None), name
+        assert final[name]["meta_loss"] is None and final[name]["labels"] == "fixed"
+    for name in ("random+maoal", "kmeans+maoal"):
+        assert (final[name]["train_samples"], final[name]["dev_samples"]) == (162, 18), name  # a 10 % development split
+        assert final[name]["meta_loss"] is not None and final[name]["labels"] == "fixed"
+        assert start[name]["weighting_params"]["weights"] == [1.0]  # one weight per module below the head: features
+        assert final[name]["weighting_params"]["weights"] != [1.0], f"{name}: the meta step did not move the weights"
+    assert start["random+uncertainty"]["weighting_params"] == {"log_variances": [0.0, 0.0]}
+    assert final["random+uncertainty"]["weighting_params"]["log_variances"] != [0.0, 0.0]
+    assert final["kmeans+gcs"]["weighting_params"] is None and final["single"]["weighting_params"] is None
+    assert "`gcs` {\"mode\": \"scale\"}" in result.summary
+    assert "`random+maoal`, `kmeans+maoal` train on 162 of the 180 training samples" in result.summary
+
+    # The maoal runs' meta batches are batches of the development split; the others' are their training batches.
+    split, _ = run_data(result.config, load_task(result.config), Strategy.parse("random+maoal"))
+    assert split.dev is not None
+    given = [x for x in seen if x is not None]
+    assert len(given) == 2 * 2  # 2 maoal runs x 2 batches: of wrapper.step (per-batch) or of the meta phase (alternating)
+    assert all(x.shape[0] == 18 for x in given)  # the whole development split, reshuffled: it is smaller than a batch
+    assert all(rows_of(x, split.dev.images) == set(range(18)) for x in given)
+    assert not torch.equal(given[0], given[1]), "the development split is not reshuffled between meta batches"
+
+
+def test_a_weighting_the_wrapper_refuses_stops_the_experiment_before_anything_trains(tmp_path: Path) -> None:
+    for strategy, refusal in [
+        ("maxl+gcs", "weighting='gcs' needs labels that do not learn, but generator='maxl' learns them"),
+        ("rl+uncertainty", "weighting='uncertainty' needs labels that do not learn, but generator='rl' learns them"),
+        ("sla+maoal", "weighting='maoal' does not support a strategy that augments the batch (generator='sla')"),
+    ]:
+        config = tiny(tmp_path, strategies=("single", "kmeans", strategy), name=strategy)
+        with pytest.raises(ConfigError, match=re.escape(f"strategies has {strategy!r}, which cannot run: {refusal}")):
+            run_experiment(config, log=quiet)
+        assert not (tmp_path / strategy).exists(), "files were written"
+    config = tiny(tmp_path, strategies=("kmeans+gcs",), weighting_kwargs={"gcs": {"mood": "scale"}}, name="kwargs")
+    with pytest.raises(ConfigError, match=re.escape("'kmeans+gcs', which cannot run: could not build weighting='gcs' from weighting_kwargs")):
+        run_experiment(config, log=quiet)
+
+
+def test_fixed_labels_are_built_from_the_split_trained_on(tmp_path: Path) -> None:
+    config = replace(tiny(tmp_path), psi=(5,))
+    data = load_task(config)
+    for name in ("random+maoal", "kmeans+maoal", "random"):
+        split, run = run_data(config, data, Strategy.parse(name))
+        kwargs = generator_kwargs(Strategy.parse(name).generator, config, run)
+        size = len(kwargs["dataset"]) if "dataset" in kwargs else kwargs["num_samples"]
+        assert size == len(split.train) == (162 if "+maoal" in name else 180), name
+    split, _ = run_data(config, data, Strategy.parse("kmeans+maoal"))
+    assert split.dev is not None and torch.equal(data.train.images[split.kept], split.train.images)
+    local, full = split.probe(torch.tensor([5, 0, 179, 3]))
+    assert torch.equal(split.train.images[local], data.train.images[full])
+    assert set(full.tolist()) == {5, 0, 179, 3} - set(torch.arange(180)[~torch.isin(torch.arange(180), split.kept)].tolist())
+
+
+@pytest.mark.skipif("sla" not in GENERATORS, reason="the sla strategy is not registered")
+def test_sla_runs_with_four_sub_classes_and_reports_its_aggregated_accuracy(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("single", "sla"), seeds=(0, 1), epochs=2, plots=True)
+    result = run_experiment(config, log=quiet)
+    assert result.config.psi == (5,) * 10  # the experiment's; sla has its own
+    sla = [r for r in result.records if r["strategy"] == "sla"]
+    for r in sla:
+        assert r["psi"] == [4] * 10 and r["labels"] == "fixed" and r["dev_samples"] is None
+        assert r["subclasses_used"] is None and r["subclass_share"] is None  # its sub-classes are the rotations
+        assert 0 <= r["val_acc_aggregated"] <= 1
+        assert (r["test_acc_aggregated"] is None) == (r["epoch"] != 2)
+    assert all(r["val_acc_aggregated"] is None and r["test_acc_aggregated"] is None for r in result.records if r["strategy"] == "single")
+
+    # The aggregated accuracy is that of wrapper.aggregated_logits on the final model (restored from its checkpoint).
+    data = load_task(result.config)
+    wrapper = build_wrapper(result.config, data, Strategy.parse("sla"), seed=1, device=torch.device("cpu"))
+    load_checkpoint(result.run_dir / "checkpoints" / "sla-seed1.pt", wrapper, restore_rng=False)
+    wrapper.eval()
+    with torch.no_grad():
+        expected = float((wrapper.aggregated_logits(data.test.images).argmax(1) == data.test.labels).double().mean())
+    assert sla[-1]["test_acc_aggregated"] == pytest.approx(expected)
+
+    table = [line.split("|")[1].strip() for line in result.summary.splitlines() if line.startswith("| ") and "strategy" not in line]
+    assert table == ["single", "sla", "sla (aggregated)"]
+    aggregated = summarise(result.records)[2]
+    finals = [r["test_acc_aggregated"] for r in sla if r["epoch"] == 2]
+    assert aggregated.test_mean == pytest.approx(sum(finals) / 2) and aggregated.gain is not None
+    assert "`sla` runs with its own hierarchy, psi = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4] (K = 40)" in result.summary
+    assert "subclass_grid" not in result.files and "collapse" not in result.files
+
+
+@pytest.mark.skipif("rl" not in GENERATORS, reason="the rl strategy is not registered")
+def test_rl_learns_from_a_development_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny(tmp_path, strategies=("rl",), seeds=(0,), generator_optimizer="adam", generator_lr=0.01, plots=True)
+    seen = meta_batches_seen(monkeypatch)
+    result = run_experiment(config, log=quiet)
+    _, final = result.records
+    assert (final["train_samples"], final["dev_samples"]) == (162, 18)
+    assert final["labels"] == "learned" and final["meta_loss"] is not None
+    assert len(final["subclasses_used"]) == 10  # the diagnostic shows what the policy draws
+    assert "collapse" in result.files and "subclass_grid" in result.files
+    split, _ = run_data(result.config, load_task(result.config), Strategy.parse("rl"))
+    assert split.dev is not None and len(seen) == 2
+    assert all(x is not None and rows_of(x, split.dev.images) == set(range(18)) for x in seen)
+    # Its generator optimizer is the config's: the policy moved.
+    checkpoint = torch.load(result.run_dir / "checkpoints" / "rl-seed0.pt", weights_only=True)
+    policy = {k: v for k, v in checkpoint["wrapper"].items() if k.startswith("generator.net.")}
+    fresh = build_wrapper(result.config, load_task(result.config), Strategy.parse("rl"), seed=0, device=torch.device("cpu"))
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in policy.items())
+
+
 # ------------------------------------------------------------------------------ odds and ends
 def test_no_progress_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
@@ -490,6 +672,31 @@ def test_an_interrupted_experiment_resumes_to_the_uninterrupted_result(
     assert csv_without_time(run_dir / "metrics.csv") == csv_without_time(tmp_path / "whole" / "run" / "metrics.csv")
     assert summary_without_time(run_dir / "summary.md") == summary_without_time(tmp_path / "whole" / "run" / "summary.md")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["kmeans-seed0.pt", "maxl-seed0.pt"]  # kept
+
+
+@pytest.mark.parametrize("schedule", ["per-batch", "alternating"])
+def test_a_run_with_a_development_split_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, schedule: str
+) -> None:
+    # batch_size 8 and max_batches 3: the meta batches of the 18-sample development split run out of a pass in the
+    # middle of an epoch, so the resumed run must continue the meta batches' shuffling where it stopped.
+    config = tiny(tmp_path / "whole", strategies=("random+maoal",), seeds=(0,), epochs=3, batch_size=8, max_batches=3, schedule=schedule)
+    whole = run_experiment(config, log=quiet)
+    weights = [r["weighting_params"]["weights"][0] for r in whole.records]
+    assert len(set(weights)) == 4, "the maoal weights should move in every epoch"
+
+    cut = replace(config, out=str(tmp_path / "cut"))
+    interrupt_at(monkeypatch, 2)  # stops after epoch 1
+    with pytest.raises(_Interrupted):
+        run_experiment(cut, log=quiet)
+    monkeypatch.setattr(run_module, "_train_epoch", _TRAIN_EPOCH)
+    lines: list[str] = []
+    resumed = run_experiment(replace(cut, resume=True), log=lines.append)
+    assert any(line.strip().startswith("random+maoal seed 0: resumed from") and line.endswith("after epoch 1/3") for line in lines)
+    assert without_time(resumed.records) == without_time(whole.records)
+    run_dir = tmp_path / "cut" / "run"
+    assert csv_without_time(run_dir / "metrics.csv") == csv_without_time(tmp_path / "whole" / "run" / "metrics.csv")
+    assert summary_without_time(run_dir / "summary.md") == summary_without_time(tmp_path / "whole" / "run" / "summary.md")
 
 
 def test_resuming_a_finished_experiment_runs_nothing_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

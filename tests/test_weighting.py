@@ -260,8 +260,8 @@ def test_maoal_weighting_optimizer_state_is_checkpointed() -> None:
     assert state["_extra_state"]["weighting_optimizer"]["state"]  # Adam moments
     other = make("maoal", seed=1)
     other.load_state_dict(state)
-    assert other._weighting_optimizer is not None
-    assert other._weighting_optimizer.state_dict()["state"][0]["step"] == 1
+    assert other.weighting_optimizer is not None
+    assert other.weighting_optimizer.state_dict()["state"][0]["step"] == 1
     torch.testing.assert_close(other.weighting.weights, wrapper.weighting.weights)  # type: ignore[union-attr]
 
 

@@ -9,8 +9,9 @@ or from Python::
     from auxlab.experiments import ExperimentConfig, run_experiment
     result = run_experiment(ExperimentConfig(strategies=("single", "maxl"), epochs=3))
 
-Each (strategy, seed) pair trains a fresh model in the same loop; only ``generator=`` of
-:class:`~auxlab.MetaAuxWrapper` differs. The run writes ``config.json``, per-epoch metrics
+Each (strategy, seed) pair trains a fresh model in the same loop; only ``generator=`` and
+``weighting=`` of :class:`~auxlab.MetaAuxWrapper` differ (a strategy is ``generator[+weighting]``,
+e.g. ``kmeans+gcs``; see :mod:`auxlab.experiments.strategies`). The run writes ``config.json``, per-epoch metrics
 (``metrics.jsonl``, ``metrics.csv``), ``summary.md`` (final test accuracy, mean ± std over seeds)
 and PNG plots under ``<out>/<name>/``. See docs/experiments.md.
 """

@@ -49,7 +49,9 @@ class ExperimentConfig:
     """Everything one comparison of auxiliary-label strategies depends on.
 
     Each run trains one fresh model per (strategy, seed) pair with the same data, model, schedule
-    and budget; only the strategy (``generator=`` of :class:`~auxlab.MetaAuxWrapper`) differs.
+    and budget; only the strategy (``generator=`` and ``weighting=`` of :class:`~auxlab.MetaAuxWrapper`)
+    differs, and with it what the strategy needs: a development split (``dev_fraction``), a hierarchy
+    of its own (sla).
     Field values may be given as strings (as on the command line: ``seeds="0,1,2"``,
     ``psi="4,1,1,3,1"``, ``limit_train="none"``); they are converted and checked on construction.
     """
@@ -65,6 +67,9 @@ class ExperimentConfig:
     image_size: int | None = field(default=None, metadata=_help("folder only: resize images to size x size; none keeps the files' size"))
     val_fraction: float = field(default=0.1, metadata=_help(
         "share of the training set carved out, stratified, as the validation set (the test set is used only for the final report)"))
+    dev_fraction: float = field(default=0.1, metadata=_help(
+        "share of the training split carved out, stratified, as the development split whose batches are the meta batches "
+        "(x_meta, y_meta) of the strategies that learn from them (+maoal, rl); those train on the rest, the others on all of it"))
     data_seed: int = field(default=0, metadata=_help(
         "seed of the data splits and subsets (digits train/test, validation, limit_*, the collapse subset); the same for every training seed"))
     limit_train: int | None = field(default=None, metadata=_help(
@@ -76,7 +81,12 @@ class ExperimentConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
         'extra keyword arguments for the model, as a JSON object, e.g. \'{"width": 16}\''))
     strategies: tuple[str, ...] = field(default=("single", "random", "kmeans", "maxl"), metadata=_help(
-        "comma-separated strategies to compare: single, random, kmeans, human (needs fine labels: --task coarse), maxl, or any registered name"))
+        "comma-separated strategies to compare, each generator[+weighting]: a generator single, random, kmeans, human (needs fine "
+        "labels: --task coarse), maxl, maxl-light, sla, rl or any registered name, optionally + a weighting of the auxiliary loss "
+        "(constant, gcs, uncertainty, maoal) for a generator whose labels do not learn, e.g. kmeans+gcs"))
+    weighting_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        'keyword arguments of each weighting, as a JSON object of weighting name -> object, e.g. \'{"gcs": {"mode": "scale"}}\'; '
+        "a weighting not named gets its defaults"))
     psi: tuple[int, ...] | None = field(default=None, metadata=_help(
         "sub-classes per primary class: one int for all classes or one per class; none: the dataset's fine-label hierarchy if it has one "
         "(fashion-mnist coarse: 4,1,1,3,1), else 5"))
@@ -147,6 +157,8 @@ class ExperimentConfig:
         _at_least("image_size", self.image_size, 1)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not 0 < self.dev_fraction <= 0.5:
+            raise ConfigError(f"dev_fraction must lie in (0, 0.5], got {self.dev_fraction}")
         _at_least("data_seed", self.data_seed, 0)
         _at_least("limit_train", self.limit_train, 2)
         _at_least("limit_test", self.limit_test, 1)
@@ -197,18 +209,19 @@ class ExperimentConfig:
             raise ConfigError("name must be given with resume=True: the experiment to continue is <out>/<name>; got name=None")
 
     def _validate_strategies(self) -> None:
-        from auxlab.generators import GENERATORS
-        from auxlab.wrapper import SINGLE_TASK
+        from auxlab.experiments.strategies import Strategy
+        from auxlab.weighting import WEIGHTINGS
 
         if not self.strategies:
             raise ConfigError("strategies must name at least one strategy, e.g. strategies=single,maxl")
         _no_duplicates("strategies", self.strategies)
-        known = sorted([SINGLE_TASK, *GENERATORS])
         for s in self.strategies:
-            if s not in known:
-                close = difflib.get_close_matches(s, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"strategies has unknown strategy {s!r}{hint}; known strategies: {', '.join(known)}")
+            Strategy.parse(s)
+        for name, kwargs in self.weighting_kwargs.items():
+            if name not in WEIGHTINGS:
+                raise ConfigError(f"weighting_kwargs has unknown weighting {name!r}; its keys must be weightings among {', '.join(sorted(WEIGHTINGS))}")
+            if not isinstance(kwargs, Mapping):
+                raise ConfigError(f"weighting_kwargs[{name!r}] must be a JSON object of keyword arguments, got {kwargs!r}")
 
     # ----------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:
@@ -422,8 +435,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or _program()
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Compare auxiliary-label strategies (single task, random, k-means, human, MAXL) on one dataset and model, "
-        "over several seeds: per-epoch metrics, a summary table of final test accuracy and plots.",
+        description="Compare auxiliary-label strategies (single task, random, k-means, human, MAXL, SLA, RL labels, each fixed one "
+        "optionally with a weighting of the auxiliary loss: gcs, uncertainty, maoal) on one dataset and model, over several seeds: "
+        "per-epoch metrics, a summary table of final test accuracy and plots.",
         epilog=f"Example: {prog} --dataset digits --strategies single,maxl --seeds 0,1,2 --epochs 10 --out runs/",
         argument_default=argparse.SUPPRESS,
     )

@@ -39,7 +39,8 @@ _OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam"}
 #: Scalar columns of metrics.csv, in order; per-class columns ``used_<c>``, ``entropy_<c>``, ``confidence_<c>`` follow.
 CSV_COLUMNS = (
     "strategy", "seed", "epoch", "lr", "batches", "train_loss", "meta_loss", "time_s",
-    "val_acc", "val_loss", "test_acc", "test_loss", "labels", "subclasses_used_total",
+    "val_acc", "val_loss", "test_acc", "test_loss", "val_acc_aggregated", "test_acc_aggregated", "train_samples", "dev_samples",
+    "labels", "subclasses_used_total",
 )
 
 
@@ -158,42 +159,45 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[StrategySummary]:
 
     Per (strategy, seed) the last epoch's record counts: its test accuracy, validation accuracy and
     number of sub-classes used; the epoch time is averaged over all trained epochs (not epoch 0) and seeds.
+    A strategy whose records hold ``test_acc_aggregated`` (one that augments the batch, e.g. sla) gets a
+    second row right after its own, ``"<strategy> (aggregated)"``: the same runs judged by the
+    aggregated inference's accuracy, without the label diagnostics.
     """
-    strategies = list(dict.fromkeys(r["strategy"] for r in records))
-    last: dict[str, list[dict[str, Any]]] = {}
-    first: dict[str, list[dict[str, Any]]] = {}
-    times: dict[str, list[float]] = {}
-    for strategy in strategies:
+    groups: list[_Group] = []
+    for strategy in dict.fromkeys(r["strategy"] for r in records):
         runs = [r for r in records if r["strategy"] == strategy]
         final_epoch = {seed: max(r["epoch"] for r in runs if r["seed"] == seed) for seed in dict.fromkeys(r["seed"] for r in runs)}
-        last[strategy] = [r for r in runs if r["epoch"] == final_epoch[r["seed"]]]
-        first[strategy] = [r for r in runs if r["epoch"] == 0]
-        times[strategy] = [r["time_s"] for r in runs if r["epoch"] > 0] or [0.0]
-    stats = {s: _mean_std([r["test_acc"] for r in last[s]]) for s in strategies}
+        finals = [r for r in runs if r["epoch"] == final_epoch[r["seed"]]]
+        times = [r["time_s"] for r in runs if r["epoch"] > 0] or [0.0]
+        groups.append(_Group(strategy, finals, [r for r in runs if r["epoch"] == 0], times, ""))
+        if all(r.get("test_acc_aggregated") is not None for r in finals):
+            groups.append(_Group(f"{strategy} (aggregated)", finals, [], times, "_aggregated"))
+    stats = {g.label: _mean_std([r["test_acc" + g.suffix] for r in g.finals]) for g in groups}
+    single = next((g for g in groups if g.label == SINGLE_TASK), None)
     rows = []
-    for strategy in strategies:
-        finals = last[strategy]
-        test_mean, test_std = stats[strategy]
-        val_mean, val_std = _mean_std([r["val_acc"] for r in finals])
-        used = [sum(r["subclasses_used"]) for r in finals if r.get("subclasses_used") is not None]
-        used_start = [sum(r["subclasses_used"]) for r in first[strategy] if r.get("subclasses_used") is not None]
-        confidence = [_confidence(r) for r in finals if r.get("target_confidence") is not None]
-        confidence_start = [_confidence(r) for r in first[strategy] if r.get("target_confidence") is not None]
+    for g in groups:
+        test_mean, test_std = stats[g.label]
+        val_mean, val_std = _mean_std([r["val_acc" + g.suffix] for r in g.finals])
+        diagnostics = g.finals if not g.suffix else []
+        used = [sum(r["subclasses_used"]) for r in diagnostics if r.get("subclasses_used") is not None]
+        used_start = [sum(r["subclasses_used"]) for r in g.firsts if r.get("subclasses_used") is not None]
+        confidence = [_confidence(r) for r in diagnostics if r.get("target_confidence") is not None]
+        confidence_start = [_confidence(r) for r in g.firsts if r.get("target_confidence") is not None]
         gain = gain_se = None
-        if SINGLE_TASK in stats and strategy != SINGLE_TASK:
+        if single is not None and g is not single:
             base_mean, base_std = stats[SINGLE_TASK]
             gain = test_mean - base_mean
             if test_std is not None and base_std is not None:
-                gain_se = math.sqrt(test_std**2 / len(finals) + base_std**2 / len(last[SINGLE_TASK]))
+                gain_se = math.sqrt(test_std**2 / len(g.finals) + base_std**2 / len(single.finals))
         rows.append(
             StrategySummary(
-                strategy=strategy,
-                seeds=len(finals),
+                strategy=g.label,
+                seeds=len(g.finals),
                 test_mean=test_mean,
                 test_std=test_std,
                 val_mean=val_mean,
                 val_std=val_std,
-                epoch_time_s=sum(times[strategy]) / len(times[strategy]),
+                epoch_time_s=sum(g.times) / len(g.times),
                 subclasses_used=sum(used) / len(used) if used else None,
                 subclasses_used_start=sum(used_start) / len(used_start) if used_start else None,
                 confidence=sum(confidence) / len(confidence) if confidence else None,
@@ -203,6 +207,18 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[StrategySummary]:
             )
         )
     return rows
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The records behind one row of the summary: the last epoch's of each seed, epoch 0's, the epoch times,
+    and the suffix of the accuracy fields the row reports (``""`` or ``"_aggregated"``)."""
+
+    label: str
+    finals: list[dict[str, Any]]
+    firsts: list[dict[str, Any]]
+    times: list[float]
+    suffix: str
 
 
 def _confidence(record: dict[str, Any]) -> float:
@@ -266,12 +282,45 @@ def _setup(config: ExperimentConfig, description: str) -> list[str]:
         f"{config.generator_lr:g} weight decay {config.generator_weight_decay:g}; inner lr {inner_lr:g}, "
         f"aux weight {config.aux_weight:g}, entropy weight {config.entropy_weight:g}, {loss}; {meta}."
     )
-    return [
+    lines = [
         f"- Data: {description}.",
         f"- Model: {model}; psi = {list(config.psi)} (K = {sum(config.psi)} auxiliary classes).",
         training,
-        f"- Seeds: {', '.join(str(s) for s in config.seeds)}.",
     ]
+    if config.weighting_kwargs:
+        lines.append(f"- Weighting arguments: {'; '.join(f'`{w}` {json.dumps(kw)}' for w, kw in config.weighting_kwargs.items())}.")
+    return [*lines, f"- Seeds: {', '.join(str(s) for s in config.seeds)}."]
+
+
+def _run_notes(records: Sequence[dict[str, Any]], config: ExperimentConfig) -> list[str]:
+    """Where some rows differ from the setup: a hierarchy of their own, a development split, an aggregated row."""
+    assert config.psi is not None
+    first = {r["strategy"]: r for r in records if r["epoch"] == 0}
+    notes = []
+    for strategy, record in first.items():
+        psi = record.get("psi")
+        if psi is not None and list(psi) != list(config.psi):
+            notes.append(f"- `{strategy}` runs with its own hierarchy, psi = {list(psi)} (K = {sum(psi)}): one sub-class per "
+                         "transformation of the batch, whatever the psi above. Its labels are fixed by construction, so it has "
+                         "no sub-class diagnostics.")
+    with_dev = {s: r for s, r in first.items() if r.get("dev_samples") is not None}
+    if with_dev:
+        record = next(iter(with_dev.values()))
+        total = record["train_samples"] + record["dev_samples"]
+        names = ", ".join(f"`{s}`" for s in with_dev)
+        notes.append(
+            f"- {names} train on {record['train_samples']} of the {total} training samples: a stratified development split of "
+            f"{record['dev_samples']} (dev_fraction {config.dev_fraction:g}, data_seed {config.data_seed}) gives their meta batches "
+            f"(x_meta, y_meta), from which the meta step learns. The other rows train on all {total}."
+        )
+    aggregated = [s for s, r in first.items() if r.get("val_acc_aggregated") is not None]
+    if aggregated:
+        notes.append(
+            f"- {', '.join(f'`{s} (aggregated)`' for s in aggregated)}: the same runs and models as the row above it, judged by "
+            "the aggregated inference of the auxiliary head over the transformations (`wrapper.aggregated_logits`) instead of "
+            "the classifier's own head."
+        )
+    return notes
 
 
 _READING = (
@@ -299,6 +348,7 @@ def summary_markdown(
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += _setup(config, description)
+    lines += _run_notes(records, config)
     lines += ["", summary_table(summarise(records), num_aux_classes=sum(config.psi)), ""]
     lines += [_READING.format(epochs=epochs, factor=f"{NOISE_FACTOR:g}"), ""]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """The training loop of the experiments: one loop for every strategy, and the per-epoch diagnostics.
 
 Each (strategy, seed) pair trains a fresh model through :class:`~auxlab.MetaAuxWrapper`; the loop
-is the same for all of them. The only place that knows strategy names is
-:func:`generator_kwargs`, which hands each fixed-label strategy the data it is built from. Whether
-there is a meta step to take is asked of the wrapper (``generator_optimizer is None``), never
-decided from a name.
+is the same for all of them. The only place that knows generator names is
+:func:`generator_kwargs`, which hands each fixed-label strategy the data it is built from.
+Everything else is asked of the classes (:class:`~auxlab.experiments.strategies.Strategy`: a
+development split, a hierarchy of its own, the label diagnostics) or of the wrapper (whether
+there is a meta step to take), never decided from a name.
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ from auxlab.datasets import ImageDataset
 from auxlab.experiments import plots, report
 from auxlab.experiments.config import ConfigError, ExperimentConfig, load_config, resume_differences
 from auxlab.experiments.models import build_model, import_object
-from auxlab.experiments.tasks import TaskData, load_task, resolve_psi, subset_indices
-from auxlab.wrapper import SINGLE_TASK, MetaAuxWrapper
+from auxlab.experiments.strategies import DEFAULT_WEIGHTING, Strategy
+from auxlab.experiments.tasks import RunSplit, TaskData, load_task, resolve_psi, run_split, subset_indices
+from auxlab.wrapper import MetaAuxWrapper
 
 __all__ = [
     "CHECKPOINTS",
     "ExperimentResult",
     "RunOutcome",
+    "build_wrapper",
+    "check_combinations",
     "collapse_diagnostic",
     "evaluate",
     "generator_kwargs",
+    "run_data",
     "run_experiment",
     "train_one",
 ]
@@ -62,11 +67,15 @@ class RunOutcome:
     Attributes:
         records: one metrics dict per epoch (see :func:`train_one`).
         probe_columns: ``(M,)`` auxiliary column the generator gives each sample of the collapse
-            probe set after the last epoch (its argmax); None in single-task mode.
+            probe set after the last epoch (its argmax); None without the diagnostic (single task, a
+            strategy that augments the batch).
+        probe: ``(M,)`` indices into the task's training split of those samples: the probe set, less
+            its samples in the run's development split; None with ``probe_columns``.
     """
 
     records: list[dict[str, Any]]
     probe_columns: Tensor | None
+    probe: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,6 +137,7 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
     psi = resolve_psi(config, data)
     name = config.name or f"{config.dataset}-{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = dataclasses.replace(config, psi=psi, name=name)
+    check_combinations(config, data)  # before anything is written or trained
     run_dir = Path(config.out) / name
     finished: dict[tuple[str, int], list[dict[str, Any]]] = {}
     if stored is not None:
@@ -149,6 +159,7 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
     probe = probe[torch.randperm(probe.shape[0], generator=torch.Generator().manual_seed(config.data_seed))]
     grid_strategy = _grid_strategy(config.strategies)
     grid_columns: Tensor | None = None
+    grid_probe = probe
     order = [(strategy, seed) for strategy in config.strategies for seed in config.seeds]
     runs = dict(finished)  # (strategy, seed) -> its records; the metrics files always hold every finished run, in this order
 
@@ -171,8 +182,8 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
             continue
         outcome = train_one(config, data, strategy=strategy, seed=seed, probe=probe, log=log, checkpoint=checkpoint, resume=config.resume)
         runs[strategy, seed] = outcome.records
-        if grid_run:
-            grid_columns = outcome.probe_columns
+        if grid_run and outcome.probe is not None:
+            grid_columns, grid_probe = outcome.probe_columns, outcome.probe
         write_metrics()
     if "metrics_jsonl" not in files:  # a resumed experiment that had nothing left to run
         write_metrics()
@@ -188,8 +199,8 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
             files["collapse"] = collapse
         if grid_strategy is not None and grid_columns is not None:
             files["subclass_grid"] = plots.plot_subclass_grid(
-                data.train.images[probe],
-                data.train.labels[probe],
+                data.train.images[grid_probe],
+                data.train.labels[grid_probe],
                 grid_columns,
                 psi=psi,
                 class_names=data.train.class_names,
@@ -251,10 +262,10 @@ def _remove_previous_run(run_dir: Path) -> None:
 
 
 def _grid_strategy(strategies: tuple[str, ...]) -> str | None:
-    """The strategy whose sub-classes ``subclass_grid.png`` shows: maxl if run, else the first with labels."""
+    """The strategy whose sub-classes ``subclass_grid.png`` shows: maxl if run, else the first with label diagnostics."""
     if "maxl" in strategies:
         return "maxl"
-    return next((s for s in strategies if s != SINGLE_TASK), None)
+    return next((s for s in strategies if Strategy.parse(s).has_label_diagnostics), None)
 
 
 def _title(config: ExperimentConfig) -> str:
@@ -262,24 +273,95 @@ def _title(config: ExperimentConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------- one run
-def generator_kwargs(strategy: str, config: ExperimentConfig, data: TaskData) -> dict[str, Any]:
-    """The ``generator_kwargs`` that build ``strategy`` for this task's training split.
+def generator_kwargs(generator: str, config: ExperimentConfig, data: TaskData) -> dict[str, Any]:
+    """The ``generator_kwargs`` that build ``generator`` for the training split ``data.train``.
 
-    ``"random"`` gets the training-set size, ``"kmeans"`` the training split and the features of
-    ``config.kmeans_features``, ``"human"`` the split's fine labels; every other strategy (single,
-    maxl, a registered strategy of your own) gets none.
+    ``data.train`` is the split the run trains on (the whole training split, or its rest after a
+    development split; see :func:`run_data`): ``"random"`` gets its size, ``"kmeans"`` the split
+    itself and the features of ``config.kmeans_features``, ``"human"`` its fine labels, so that the
+    dataset indices of the run's batches index their tables. Every other generator (single, maxl,
+    sla, rl, a registered strategy of your own) gets none.
     """
     train = data.train
-    if strategy == "random":
+    if generator == "random":
         return {"num_samples": len(train)}
-    if strategy == "kmeans":
+    if generator == "kmeans":
         features = None if config.kmeans_features == "pixels" else import_object(config.kmeans_features)
         return {"dataset": train, "features": features}
-    if strategy == "human":
+    if generator == "human":
         if train.fine_labels is None or data.fine_to_coarse is None:
             raise ValueError(f"strategy 'human' needs fine labels, and {data.description} has none")
         return {"fine_labels": train.fine_labels, "fine_to_coarse": data.fine_to_coarse}
     return {}
+
+
+def run_data(config: ExperimentConfig, data: TaskData, strategy: Strategy) -> tuple[RunSplit, TaskData]:
+    """The split a run of ``strategy`` trains on, and ``data`` with that split as its training split.
+
+    A strategy that :attr:`~auxlab.experiments.strategies.Strategy.needs_dev_split` trains on the
+    training split less a stratified development split of ``config.dev_fraction`` (seeded by
+    ``config.data_seed``, so the same for every seed); every other strategy on the whole of it.
+    """
+    split = run_split(data.train, dev_fraction=config.dev_fraction if strategy.needs_dev_split else None, seed=config.data_seed)
+    return split, dataclasses.replace(data, train=split.train)
+
+
+def build_wrapper(config: ExperimentConfig, data: TaskData, strategy: Strategy, *, seed: int, device: torch.device) -> MetaAuxWrapper:
+    """A fresh model, built right after ``torch.manual_seed(seed)``, in the wrapper of ``strategy``.
+
+    ``data.train`` is the split the run trains on (see :func:`run_data`). The wrapper gets the
+    strategy's own hierarchy (:meth:`~auxlab.experiments.strategies.Strategy.psi`), its generator
+    and weighting, and everything else from ``config``. Seeds torch's global generator: call it
+    where the caller's random state is kept (as :func:`train_one` does).
+    """
+    assert config.psi is not None  # resolved by run_experiment
+    torch.manual_seed(seed)
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels, kwargs=config.model_kwargs)
+    return MetaAuxWrapper(
+        model.to(device),
+        num_classes=data.num_classes,
+        psi=list(strategy.psi(config.psi)),
+        generator=strategy.generator,
+        generator_kwargs=generator_kwargs(strategy.generator, config, data),
+        generator_optimizer=lambda params: _GENERATOR_OPTIMIZERS[config.generator_optimizer](
+            params, lr=config.generator_lr, weight_decay=config.generator_weight_decay
+        ),
+        weighting=strategy.weighting,
+        weighting_kwargs=config.weighting_kwargs.get(strategy.weighting),
+        inner_lr=config.inner_lr if config.inner_lr is not None else config.lr,
+        aux_weight=config.aux_weight,
+        entropy_weight=config.entropy_weight,
+        focal_gamma=config.focal_gamma,
+        engine=config.engine,
+        meta_every=config.meta_every,
+        virtual_params=list(config.virtual_params) if config.virtual_params is not None else None,
+        seed=seed,
+    )
+
+
+def check_combinations(config: ExperimentConfig, data: TaskData) -> None:
+    """Refuse, before anything trains, a strategy whose generator and weighting the wrapper does not combine.
+
+    The wrapper of every strategy with a weighting other than ``constant`` (or with
+    ``weighting_kwargs`` for it) is built once, and dropped: a weighting needs labels that do not learn (not ``maxl`` or ``rl``), ``maoal`` does not
+    take a strategy that augments the batch (``sla``), and ``weighting_kwargs`` must fit.
+
+    Raises:
+        ConfigError: naming the strategy and saying what the wrapper refused.
+    """
+    device = torch.device(config.device)
+    for name in config.strategies:
+        strategy = Strategy.parse(name)
+        if strategy.weighting == DEFAULT_WEIGHTING and not config.weighting_kwargs.get(DEFAULT_WEIGHTING):
+            continue
+        try:
+            with _random_states_kept(device):
+                build_wrapper(config, run_data(config, data, strategy)[1], strategy, seed=config.seeds[0], device=device)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(
+                f"strategies has {name!r}, which cannot run: {error}. Run {strategy.generator!r} without a weighting, "
+                f"or +{strategy.weighting} with another generator"
+            ) from error
 
 
 def train_one(
@@ -298,52 +380,39 @@ def train_one(
     The model is built right after ``torch.manual_seed(seed)`` (the caller's random state is
     restored afterwards), batches are drawn by a ``torch.Generator`` seeded with ``seed``, and the
     wrapper gets ``seed=seed``: the same config and seed give the same numbers on the same machine.
+    A strategy that learns from a development split (``+maoal``, ``rl``; see :func:`run_data`)
+    trains on the rest of the training split, and its meta batches ``(x_meta, y_meta)`` cycle
+    through the development split in passes shuffled by a ``torch.Generator`` seeded with
+    ``seed + 2**32``.
 
     With ``checkpoint``, the run's whole state is written there (atomically, by
     :func:`auxlab.checkpoint.save_checkpoint`) after every epoch: wrapper, optimizer, LR schedulers,
-    random states, the batch order's generator, the records so far and the probe's columns. With
-    ``resume`` too and that file present, the run continues after its last epoch, bit for bit as
-    if it had not stopped (on CPU; ``time_s`` aside).
+    random states, the generators of the batch order and of the meta batches, the records so far and
+    the probe's columns. With ``resume`` too and that file present, the run continues after its last
+    epoch, bit for bit as if it had not stopped (on CPU; ``time_s`` aside).
 
     Records run from epoch 0, the untrained model and the initial labels before any step (no
     ``train_loss``, ``time_s`` 0), to ``config.epochs``. Each holds ``strategy``, ``seed``,
-    ``epoch``, ``lr``, ``batches`` (model steps),
+    ``epoch``, ``lr``, ``batches`` (model steps), ``psi`` (the run's hierarchy), ``train_samples``
+    and ``dev_samples`` (the sizes of the split trained on and of the development split, None without),
     ``train_loss`` (mean model-step objective, ``L_pri + aux_weight * L_aux``), ``meta_loss`` (mean
     meta objective, None without meta steps), ``time_s`` (training wall time of the epoch),
     ``val_acc`` and ``val_loss`` (primary cross entropy), ``test_acc`` and ``test_loss`` (last epoch
-    only, None before), ``labels`` (``"none"``, ``"fixed"`` or ``"learned"``), and the collapse
+    only, None before), ``val_acc_aggregated`` and ``test_acc_aggregated`` (for a strategy that
+    augments the batch: the accuracy of ``wrapper.aggregated_logits``; None otherwise),
+    ``weighting_params`` (the weighting's parameters by name, e.g. maoal's ``weights``; None if it
+    has none), ``labels`` (``"none"``, ``"fixed"`` or ``"learned"``), and the collapse
     diagnostic of :func:`collapse_diagnostic` on the ``probe`` indices of the training split
     (``subclass_share``, ``subclasses_used``, ``subclass_entropy``, ``target_confidence``,
-    ``subclass_soft_share``; None in single-task mode).
+    ``subclass_soft_share``; None in single-task mode and for a strategy that augments the batch,
+    whose sub-classes are its transformations). Probe samples in the development split are left out.
     """
     device = torch.device(config.device)
-    # Loading a checkpoint sets the random states of every CUDA device, NumPy and Python: all are the caller's again afterwards.
-    fork_devices = list(range(torch.cuda.device_count())) if checkpoint is not None and torch.cuda.is_available() else []
-    if device.type == "cuda" and not fork_devices:
-        fork_devices = [device.index or 0]
-    with torch.random.fork_rng(devices=fork_devices), _host_random_states_kept():
-        torch.manual_seed(seed)
-        model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels, kwargs=config.model_kwargs)
-        model = model.to(device)
-        assert config.psi is not None  # resolved by run_experiment
-        wrapper = MetaAuxWrapper(
-            model,
-            num_classes=data.num_classes,
-            psi=list(config.psi),
-            generator=strategy,
-            generator_kwargs=generator_kwargs(strategy, config, data),
-            generator_optimizer=lambda params: _GENERATOR_OPTIMIZERS[config.generator_optimizer](
-                params, lr=config.generator_lr, weight_decay=config.generator_weight_decay
-            ),
-            inner_lr=config.inner_lr if config.inner_lr is not None else config.lr,
-            aux_weight=config.aux_weight,
-            entropy_weight=config.entropy_weight,
-            focal_gamma=config.focal_gamma,
-            engine=config.engine,
-            meta_every=config.meta_every,
-            virtual_params=list(config.virtual_params) if config.virtual_params is not None else None,
-            seed=seed,
-        )
+    spec = Strategy.parse(strategy)
+    split, data = run_data(config, data, spec)
+    probe_local, probe_full = split.probe(probe)
+    with _random_states_kept(device, every_cuda_device=checkpoint is not None):
+        wrapper = build_wrapper(config, data, spec, seed=seed, device=device)
         optimizer = torch.optim.SGD(wrapper.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         optimizers = [opt for opt in (optimizer, wrapper.generator_optimizer) if opt is not None]
         schedulers = [torch.optim.lr_scheduler.StepLR(opt, config.lr_step, config.lr_gamma) for opt in optimizers] if config.lr_step else []
@@ -356,14 +425,18 @@ def train_one(
             generator=batch_order,
             drop_last=len(data.train) % config.batch_size == 1,  # BatchNorm cannot train on a batch of one
         )
+        meta_batches = _MetaBatches(split.dev, batch_size=config.batch_size, seed=seed + 2**32) if split.dev is not None else None
         labels = "none" if wrapper.is_single_task else ("learned" if wrapper.generator_optimizer is not None else "fixed")
+        psi = list(wrapper.mask.psi)
         records: list[dict[str, Any]] = []
         columns: Tensor | None = None
         first_epoch = 0
         if checkpoint is not None and resume and Path(checkpoint).is_file():
             counters = load_checkpoint(checkpoint, wrapper, optimizer=optimizer, scheduler=scheduler_state)  # and the random states
-            records, columns, batch_state = _run_state(counters, checkpoint, strategy=strategy, seed=seed, epochs=config.epochs)
-            batch_order.set_state(batch_state)
+            records, columns = _run_state(counters, checkpoint, strategy=strategy, seed=seed, epochs=config.epochs)
+            batch_order.set_state(_decode_state(counters["batch_order"]))
+            if meta_batches is not None:
+                meta_batches.load_state(_decode_state(counters["meta_order"]), counters["meta_taken"])
             if config.inner_lr is None:  # as set after the last epoch's scheduler step
                 wrapper.inner_lr = optimizer.param_groups[0]["lr"]
             first_epoch = len(records)
@@ -376,29 +449,29 @@ def train_one(
             if epoch > 0:  # epoch 0 measures the untrained model and the initial labels
                 start = time.perf_counter()
                 train_loss, meta_loss, batches = _train_epoch(
-                    wrapper, optimizer, loader, config, device, desc=f"{strategy} seed {seed} epoch {epoch}/{config.epochs}"
+                    wrapper, optimizer, loader, config, device, meta_batches=meta_batches,
+                    desc=f"{strategy} seed {seed} epoch {epoch}/{config.epochs}",
                 )
                 elapsed = time.perf_counter() - start
                 for scheduler in schedulers:
                     scheduler.step()
                 if config.inner_lr is None:  # alpha follows the model's learning rate, as in the original code
                     wrapper.inner_lr = optimizer.param_groups[0]["lr"]
-            val_acc, val_loss = evaluate(model, data.val, batch_size=config.eval_batch_size, device=device)
             last = epoch == config.epochs
-            test_acc, test_loss = evaluate(model, data.test, batch_size=config.eval_batch_size, device=device) if last else (None, None)
             record: dict[str, Any] = {
                 "strategy": strategy,
                 "seed": seed,
                 "epoch": epoch,
                 "lr": lr,
                 "batches": batches,
+                "psi": psi,
+                "train_samples": len(data.train),
+                "dev_samples": len(split.dev) if split.dev is not None else None,
                 "train_loss": train_loss,
                 "meta_loss": meta_loss,
                 "time_s": elapsed,
-                "val_acc": val_acc,
-                "val_loss": val_loss,
-                "test_acc": test_acc,
-                "test_loss": test_loss,
+                **_accuracies(wrapper, data, config, device, test=last, aggregated=spec.augments),
+                "weighting_params": _weighting_params(wrapper),
                 "labels": labels,
                 "subclass_share": None,
                 "subclasses_used": None,
@@ -406,12 +479,12 @@ def train_one(
                 "target_confidence": None,
                 "subclass_soft_share": None,
             }
-            if not wrapper.is_single_task:
+            if spec.has_label_diagnostics:
                 wrapper.train()  # the generator's training mode; aux_targets leaves its statistics alone
-                diagnostic, columns = collapse_diagnostic(wrapper, data.train, probe, batch_size=config.eval_batch_size, device=device)
+                diagnostic, columns = collapse_diagnostic(wrapper, data.train, probe_local, batch_size=config.eval_batch_size, device=device)
                 record.update(diagnostic)
             records.append(record)
-            log(_epoch_line(record, config.epochs, sum(config.psi)))
+            log(_epoch_line(record, config.epochs, sum(psi)))
             if checkpoint is not None:
                 save_checkpoint(
                     checkpoint,
@@ -423,9 +496,36 @@ def train_one(
                     epoch=epoch,
                     records=json.dumps(records),
                     probe_columns=json.dumps(columns.tolist()) if columns is not None else None,
-                    batch_order=base64.b64encode(batch_order.get_state().numpy().tobytes()).decode("ascii"),
+                    batch_order=_encode_state(batch_order.get_state()),
+                    meta_order=_encode_state(meta_batches.pass_state) if meta_batches is not None else None,
+                    meta_taken=meta_batches.taken if meta_batches is not None else None,
                 )
-    return RunOutcome(records, columns)
+    return RunOutcome(records, columns, probe_full if columns is not None else None)
+
+
+def _accuracies(
+    wrapper: MetaAuxWrapper, data: TaskData, config: ExperimentConfig, device: torch.device, *, test: bool, aggregated: bool
+) -> dict[str, float | None]:
+    """Validation accuracy and loss of the classifier, test accuracy and loss when ``test``; with
+    ``aggregated``, the validation (and test) accuracy of the wrapper's aggregated inference too."""
+    values: dict[str, float | None] = dict.fromkeys(
+        ("val_acc", "val_loss", "test_acc", "test_loss", "val_acc_aggregated", "test_acc_aggregated")
+    )
+    for split, dataset in (("val", data.val), ("test", data.test)):
+        if split == "test" and not test:
+            continue
+        values[f"{split}_acc"], values[f"{split}_loss"] = evaluate(wrapper.model, dataset, batch_size=config.eval_batch_size, device=device)
+        if aggregated:
+            values[f"{split}_acc_aggregated"], _ = evaluate(
+                wrapper, dataset, batch_size=config.eval_batch_size, device=device, logits=wrapper.aggregated_logits
+            )
+    return values
+
+
+def _weighting_params(wrapper: MetaAuxWrapper) -> dict[str, list[float]] | None:
+    """The weighting's parameters by name, flattened (maoal's ``weights``, uncertainty's ``log_variances``); None without any."""
+    values = {name: [float(v) for v in p.detach().flatten().cpu()] for name, p in wrapper.weighting.named_parameters()}
+    return values or None
 
 
 class _Schedulers:
@@ -445,10 +545,51 @@ class _Schedulers:
             scheduler.load_state_dict(state)
 
 
+class _MetaBatches:
+    """The meta batches ``(x_meta, y_meta)`` of a run: the development split in reshuffled passes, without end.
+
+    Each pass is a permutation of the split drawn from a ``torch.Generator`` seeded with ``seed``,
+    cut into ``max(1, N // batch_size)`` batches of ``min(batch_size, N)`` samples (the few left
+    over wait for a later pass). :attr:`pass_state` (the generator's state before the current
+    pass) and :attr:`taken` (the batches drawn from it) restore the sequence exactly.
+    """
+
+    def __init__(self, dataset: ImageDataset, *, batch_size: int, seed: int) -> None:
+        self.dataset = dataset
+        self.batch_size = min(batch_size, len(dataset))
+        self.per_pass = len(dataset) // self.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.load_state(self.generator.get_state(), 0)
+
+    def load_state(self, pass_state: Tensor, taken: int) -> None:
+        """Continue from a pass drawn from ``pass_state``, of which ``taken`` batches were drawn."""
+        self.pass_state = pass_state
+        self.generator.set_state(pass_state)
+        self.order = torch.randperm(len(self.dataset), generator=self.generator)
+        self.taken = int(taken)
+
+    def next(self, device: torch.device) -> dict[str, Tensor]:
+        """The next meta batch, as the ``x_meta``, ``y_meta`` keyword arguments of ``step`` and ``meta_step``."""
+        if self.taken == self.per_pass:
+            self.load_state(self.generator.get_state(), 0)
+        index = self.order[self.taken * self.batch_size : (self.taken + 1) * self.batch_size]
+        self.taken += 1
+        return {"x_meta": self.dataset.images[index].to(device), "y_meta": self.dataset.labels[index].to(device)}
+
+
+def _encode_state(state: Tensor) -> str:
+    """A ``torch.Generator`` state as text, for a checkpoint's counters."""
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _decode_state(text: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def _run_state(
     counters: dict[str, Any], path: str | os.PathLike[str], *, strategy: str, seed: int, epochs: int
-) -> tuple[list[dict[str, Any]], Tensor | None, Tensor]:
-    """The records, probe columns and batch-order generator state that :func:`train_one` saved with a checkpoint."""
+) -> tuple[list[dict[str, Any]], Tensor | None]:
+    """The records and probe columns that :func:`train_one` saved with a checkpoint."""
     if (counters.get("strategy"), counters.get("seed")) != (strategy, seed):
         raise ValueError(
             f"checkpoint {str(path)!r} is of strategy {counters.get('strategy')!r} seed {counters.get('seed')!r}, "
@@ -459,20 +600,33 @@ def _run_state(
     if not 0 <= epoch <= epochs or [r["epoch"] for r in records] != list(range(epoch + 1)):
         raise ValueError(f"checkpoint {str(path)!r} holds epochs 0 to {epoch} of a run, but the run has epochs 0 to {epochs}")
     columns = None if counters["probe_columns"] is None else torch.tensor(json.loads(counters["probe_columns"]), dtype=torch.int64)
-    batch_state = torch.frombuffer(bytearray(base64.b64decode(counters["batch_order"])), dtype=torch.uint8)
-    return records, columns, batch_state
+    return records, columns
 
 
 @contextlib.contextmanager
-def _host_random_states_kept() -> Iterator[None]:
-    """Restore NumPy's and Python's global random states when the block ends (``torch.random.fork_rng`` does torch's)."""
+def _random_states_kept(device: torch.device, *, every_cuda_device: bool = False) -> Iterator[None]:
+    """Restore torch's (CPU, and ``device``'s or with ``every_cuda_device`` every CUDA device's), NumPy's
+    and Python's global random states when the block ends.
+
+    Loading a checkpoint sets the random states of every CUDA device, NumPy and Python: pass
+    ``every_cuda_device=True`` where one may be loaded.
+    """
+    fork_devices = list(range(torch.cuda.device_count())) if every_cuda_device and torch.cuda.is_available() else []
+    if device.type == "cuda" and not fork_devices:
+        fork_devices = [device.index or 0]
     numpy_state = np.random.get_state()
     python_state = random.getstate()
     try:
-        yield
+        with torch.random.fork_rng(devices=fork_devices):
+            yield
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+def _has_meta_step(wrapper: MetaAuxWrapper) -> bool:
+    """Whether the wrapper's meta step learns something: a generator's labels or a meta-learned weighting."""
+    return wrapper.generator_optimizer is not None or wrapper.weighting.meta_learned
 
 
 def _train_epoch(
@@ -483,12 +637,21 @@ def _train_epoch(
     device: torch.device,
     *,
     desc: str,
+    meta_batches: _MetaBatches | None = None,
 ) -> tuple[float, float | None, int]:
-    """One epoch of the configured schedule; returns (mean model loss, mean meta objective or None, model steps)."""
-    meta_learns = wrapper.generator_optimizer is not None
+    """One epoch of the configured schedule; returns (mean model loss, mean meta objective or None, model steps).
+
+    With ``meta_batches``, every ``step`` (per-batch) or ``meta_step`` (alternating) gets the next
+    development batch as its meta batch; without, the meta batch is the training batch itself.
+    """
+    meta_learns = _has_meta_step(wrapper)
     per_phase = len(loader) if config.max_batches is None else min(len(loader), config.max_batches)
     alternating = config.schedule == "alternating"
     bar = _progress_bar(per_phase * (2 if alternating and meta_learns else 1), desc, config.progress)
+
+    def meta_batch() -> dict[str, Tensor]:
+        return meta_batches.next(device) if meta_batches is not None else {}
+
     wrapper.train()
     loss_sum, meta_sum, seen, meta_seen = 0.0, 0.0, 0, 0
     try:
@@ -499,7 +662,7 @@ def _train_epoch(
                 torch.autograd.backward(loss)
                 optimizer.step()
             else:  # the model step and the meta step together, sharing their work where the engine can
-                loss = wrapper.step(x, y, optimizer, index=index)
+                loss = wrapper.step(x, y, optimizer, index=index, **meta_batch())
                 meta = wrapper.last_meta_objective
                 if meta is not None:
                     meta_sum += float(meta) * y.shape[0]
@@ -511,7 +674,7 @@ def _train_epoch(
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         if alternating and meta_learns:  # the original code: a whole epoch of meta steps after the model's epoch
             for x, y, index in _batches(loader, per_phase, device):
-                meta = wrapper.meta_step(x, y, index=index)
+                meta = wrapper.meta_step(x, y, index=index, **meta_batch())
                 if meta is not None:  # None: a batch skipped by meta_every
                     meta_sum += float(meta) * y.shape[0]
                     meta_seen += y.shape[0]
@@ -549,19 +712,36 @@ def _epoch_line(record: dict[str, Any], epochs: int, num_aux: int) -> str:
         parts.append("(before training)")
     else:
         parts.append(f"train loss {record['train_loss']:.4f},")
-    parts.append(f"val acc {record['val_acc']:.2%},")
+    parts.append(f"val acc {record['val_acc']:.2%}" + _aggregated(record, "val_acc") + ",")
     if record["subclasses_used"] is not None:
         parts.append(f"sub-classes used {sum(record['subclasses_used'])}/{num_aux},")
     if record["test_acc"] is not None:
-        parts.append(f"test acc {record['test_acc']:.2%} (last epoch),")
+        parts.append(f"test acc {record['test_acc']:.2%}" + _aggregated(record, "test_acc") + " (last epoch),")
     parts.append(f"{record['time_s']:.1f} s" if record["epoch"] else "")
     return " ".join(parts).rstrip(" ,")
 
 
+def _aggregated(record: dict[str, Any], key: str) -> str:
+    value = record.get(f"{key}_aggregated")
+    return f" ({value:.2%} aggregated)" if value is not None else ""
+
+
 # --------------------------------------------------------------------------------------- measurements
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Accuracy and mean cross entropy of ``model`` (in eval mode) on ``dataset``; the model's mode is restored."""
+def evaluate(
+    model: nn.Module,
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    logits: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[float, float]:
+    """Accuracy and mean cross entropy of ``model`` (in eval mode) on ``dataset``; the model's mode is restored.
+
+    ``logits`` maps a batch to the ``(B, C)`` scores to judge, in place of ``model`` itself: e.g.
+    ``evaluate(wrapper, data, ..., logits=wrapper.aggregated_logits)`` for SLA's aggregated inference.
+    """
+    predict = logits if logits is not None else model
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
@@ -569,9 +749,9 @@ def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int, device
         for start in range(0, len(dataset), batch_size):
             x = dataset.images[start : start + batch_size].to(device)
             y = dataset.labels[start : start + batch_size].to(device)
-            logits = model(x)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            scores = predict(x)
+            correct += int((scores.argmax(1) == y).sum())
+            loss_sum += float(nn.functional.cross_entropy(scores, y, reduction="sum"))
     finally:
         model.train(was_training)
     return correct / len(dataset), loss_sum / len(dataset)

@@ -23,9 +23,10 @@ from auxlab.datasets import (
     train_val_split,
 )
 from auxlab.experiments.config import ConfigError, ExperimentConfig
+from auxlab.experiments.strategies import Strategy
 from auxlab.hierarchy import HierarchyMask
 
-__all__ = ["TaskData", "load_task", "resolve_psi", "stratified_subset"]
+__all__ = ["RunSplit", "TaskData", "load_task", "resolve_psi", "run_split", "stratified_subset"]
 
 DEFAULT_PSI = 5
 
@@ -74,6 +75,49 @@ def subset_indices(labels: Tensor, size: int, *, seed: int) -> Tensor:
         return torch.arange(total)
     _, held = stratified_split_indices(labels, fraction=size / total, seed=seed)
     return held
+
+
+@dataclass(frozen=True, eq=False)
+class RunSplit:
+    """What one run trains on: the task's training split, or its rest after a development split.
+
+    Attributes:
+        train: the samples the run trains on (the classifier's batches; the data of ``generator_kwargs``).
+        dev: the development split, whose batches are the meta batches ``(x_meta, y_meta)``; None
+            when the run trains on the whole training split.
+        kept: ``(len(train),)`` sorted indices of ``train``'s samples in the task's training split.
+    """
+
+    train: ImageDataset
+    dev: ImageDataset | None
+    kept: Tensor
+
+    def probe(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The samples of ``indices`` (into the task's training split) that this run trains on.
+
+        Returns:
+            ``(local, full)``: their indices into :attr:`train` and into the task's training split,
+            in the order of ``indices``; samples of the development split are left out.
+        """
+        position = torch.searchsorted(self.kept, indices).clamp(max=max(self.kept.shape[0] - 1, 0))
+        present = self.kept[position] == indices
+        return position[present], indices[present]
+
+
+def run_split(train: ImageDataset, *, dev_fraction: float | None, seed: int) -> RunSplit:
+    """The whole training split (``dev_fraction=None``), or a stratified development split of
+    ``dev_fraction`` of it, seeded by ``seed``, and the rest to train on.
+
+    Raises:
+        ConfigError: if the fraction leaves one of the parts empty.
+    """
+    if dev_fraction is None:
+        return RunSplit(train, None, torch.arange(len(train)))
+    try:
+        kept, held = stratified_split_indices(train.labels, fraction=dev_fraction, seed=seed)
+    except ValueError as error:
+        raise ConfigError(f"cannot carve a development split with dev_fraction={dev_fraction} from {len(train)} training samples: {error}") from error
+    return RunSplit(train.subset(kept), train.subset(held), kept)
 
 
 def load_task(config: ExperimentConfig) -> TaskData:
@@ -139,7 +183,7 @@ def resolve_psi(config: ExperimentConfig, data: TaskData) -> tuple[int, ...]:
         raise ConfigError(
             f"psi has {len(config.psi)} entries but the task has {num_classes} classes; give one int for all classes or one per class"
         )
-    if "human" in config.strategies:
+    if any(Strategy.parse(strategy).generator == "human" for strategy in config.strategies):
         if human_psi is None:
             raise ConfigError(
                 f"strategy 'human' needs the dataset's fine labels, and dataset={config.dataset!r} task={config.task!r} has none; "

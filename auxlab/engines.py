@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from auxlab.losses import classification_loss, model_step_losses, soft_target_co
 from auxlab.multitask import MultiTaskNet
 
 __all__ = [
-    "ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "MetaProblem", "SharedStep", "get_engine", "gradients_at_theta",
+    "ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "GradientsAtTheta", "MetaProblem", "SharedStep", "get_engine", "gradient_at_theta", "gradients_at_theta",
     "linearised_step", "meta_loss_after", "virtual_step",
 ]
 
@@ -236,19 +236,53 @@ def linearised_step(
     )
 
 
-def gradients_at_theta(problem: MetaProblem) -> tuple[Tensor, Tensor, dict[str, Tensor | None], dict[str, Tensor | None]]:
-    """``(L_pri, L_aux, grad L_pri, grad L_aux)`` on ``(x, y)`` at theta, each gradient by parameter name.
+class GradientsAtTheta(NamedTuple):
+    """The two losses' gradients on ``(x, y)`` at theta (:func:`gradients_at_theta`), all detached.
 
-    Detached, for every trainable parameter of the network (None where a loss does not reach it);
-    the forward pass runs on buffer copies.
+    Attributes:
+        primary: ``(B, C)`` primary logits.
+        primary_loss, aux_loss: ``L_pri`` and ``L_aux``.
+        primary_grads, aux_grads: their gradients for every trainable parameter of the network, by
+            name (None where a loss does not reach the parameter).
+        buffers: the network's buffers after the forward pass (BatchNorm statistics), for the caller
+            to commit.
     """
+
+    primary: Tensor
+    primary_loss: Tensor
+    aux_loss: Tensor
+    primary_grads: dict[str, Tensor | None]
+    aux_grads: dict[str, Tensor | None]
+    buffers: dict[str, Tensor]
+
+
+def _losses_at_theta(problem: MetaProblem) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """``(primary logits, L_pri, L_aux, parameters, buffers)`` on ``(x, y)`` at theta, with the graph
+    to every trainable parameter; the forward pass runs on buffer copies, returned updated."""
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+    buffers = problem.buffer_copies()
+    primary, aux = functional_call(problem.net, (every, buffers), (problem.x,))
+    primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
+    return primary, primary_loss, aux_loss, every, buffers
+
+
+def gradients_at_theta(problem: MetaProblem) -> GradientsAtTheta:
+    """The gradients of ``L_pri`` and of ``L_aux`` on ``(x, y)`` at theta, apart (two backward passes)."""
     with torch.enable_grad():
-        primary, aux = functional_call(problem.net, (every, problem.buffer_copies()), (problem.x,))
-        primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
+        primary, primary_loss, aux_loss, every, buffers = _losses_at_theta(problem)
         g_pri = torch.autograd.grad(primary_loss, list(every.values()), retain_graph=True, allow_unused=True)
         g_aux = torch.autograd.grad(aux_loss, list(every.values()), allow_unused=True)
-    return primary_loss.detach(), aux_loss.detach(), dict(zip(every, g_pri)), dict(zip(every, g_aux))
+    return GradientsAtTheta(
+        primary.detach(), primary_loss.detach(), aux_loss.detach(), dict(zip(every, g_pri)), dict(zip(every, g_aux)), buffers
+    )
+
+
+def gradient_at_theta(problem: MetaProblem) -> dict[str, Tensor | None]:
+    """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at theta by parameter name, in one backward pass."""
+    with torch.enable_grad():
+        _, primary_loss, aux_loss, every, _ = _losses_at_theta(problem)
+        grads = torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), allow_unused=True)
+    return dict(zip(every, grads))
 
 
 def meta_loss_after(problem: MetaProblem, step: Mapping[str, Tensor]) -> Tensor:

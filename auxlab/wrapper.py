@@ -16,8 +16,10 @@ from auxlab._seeding import seeded
 from auxlab.distributed import Reducer
 from auxlab.engines import (
     SHARED_DERIVATIVES,
+    GradientsAtTheta,
     MetaProblem,
     get_engine,
+    gradient_at_theta,
     gradients_at_theta,
     linearised_step,
     meta_loss_after,
@@ -573,6 +575,8 @@ class MetaAuxWrapper(nn.Module):
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
         self.last_meta_objective = None
         due = self._meta_due()
+        if due and self._weighting_optimizer is not None:
+            return self._step_with_weighting_update(x, y, optimizer, x_meta, y_meta, index)
         if not due or self.engine not in SHARED_DERIVATIVES or not self._learns_by_hypergradient:
             # the meta update is computed first, so that a non-finite one raises before the model's statistics move
             statistics, update = self._meta_update(x, y, x_meta, y_meta, index) if due else ({}, None)
@@ -600,15 +604,41 @@ class MetaAuxWrapper(nn.Module):
         model_finite = self._finite("model", loss, **{"primary loss": shared.primary_loss, "auxiliary loss": shared.aux_loss})
         update = self._hypergradient(shared.surrogate, targets)  # raises before anything changed, if it must
         if model_finite:
-            _commit_buffers(self._net, shared.buffers)
-            optimizer.zero_grad(set_to_none=True)
-            for name, p in self._net.named_parameters():
-                if p.requires_grad:
-                    p.grad = shared.grads[name]
-            optimizer.step()
+            self._apply_model_gradient(optimizer, shared.grads, shared.buffers)
         if update is not None:
             self._apply_meta_update(statistics, update)
         return loss
+
+    def _step_with_weighting_update(
+        self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
+    ) -> Tensor:
+        """:meth:`step` with a meta-learned weighting: one forward pass and the two gradients at theta
+        serve the model step (with the weights before their update) and the weights' hypergradient."""
+        self.steps["model"] += 1
+        problem, at_theta = self._weighting_problem(x, y, x_meta, y_meta, index)
+        self._check_primary(at_theta.primary, x)
+        loss = at_theta.primary_loss + self.aux_weight * at_theta.aux_loss
+        model_finite = self._finite("model", loss, **{"primary loss": at_theta.primary_loss, "auxiliary loss": at_theta.aux_loss})
+        scales = self.weighting.gradient_scales(at_theta.primary_grads, at_theta.aux_grads)
+        update = self._weighting_hypergradient(problem, at_theta, scales)  # raises before anything changed, if it must
+        if model_finite:
+            grads = {
+                name: _combined_gradient(g, at_theta.aux_grads[name], self.aux_weight, _detached(scales.get(name, 1.0)))
+                for name, g in at_theta.primary_grads.items()
+            }
+            self._apply_model_gradient(optimizer, grads, at_theta.buffers)
+        if update is not None:
+            self._apply_meta_update({}, update)
+        return loss
+
+    def _apply_model_gradient(self, optimizer: torch.optim.Optimizer, grads: Mapping[str, Tensor | None], buffers: Mapping[str, Tensor]) -> None:
+        """The model step from gradients computed by hand: commit the forward pass's buffers, set ``.grad``, step."""
+        _commit_buffers(self._net, buffers)
+        optimizer.zero_grad(set_to_none=True)
+        for name, p in self._net.named_parameters():
+            if p.requires_grad:
+                p.grad = grads[name]
+        optimizer.step()
 
     def _check_meta_inputs(
         self, x: Tensor, y: Tensor, x_meta: Tensor | None, y_meta: Tensor | None, index: Tensor | None
@@ -640,7 +670,9 @@ class MetaAuxWrapper(nn.Module):
         """The generator's updated buffers and the meta step's update (not applied yet): the
         generator's through the configured engine or by policy gradient, or a meta-learned weighting's."""
         if self._weighting_optimizer is not None:
-            return {}, self._weighting_hypergradient(x, y, x_meta, y_meta, index)
+            problem, at_theta = self._weighting_problem(x, y, x_meta, y_meta, index)
+            scales = self.weighting.gradient_scales(at_theta.primary_grads, at_theta.aux_grads)
+            return {}, self._weighting_hypergradient(problem, at_theta, scales)
         if not self._learns_by_hypergradient:
             return {}, self._policy_gradient(x, y, x_meta, y_meta, index)
         targets, statistics = self._targets(x, y, index)
@@ -655,31 +687,33 @@ class MetaAuxWrapper(nn.Module):
         if targets.shape != expected or log_prob.shape != expected[:1]:
             raise ValueError(f"generator.sample returned targets {tuple(targets.shape)} and log_prob {tuple(log_prob.shape)}; expected {expected} and {expected[:1]}")
         problem = self._problem(x, y, targets.detach(), x_meta, y_meta)
-        _, _, g_pri, g_aux = gradients_at_theta(problem)
+        gradient = gradient_at_theta(problem)
         with torch.no_grad():
             before = meta_loss_after(problem, {})
-            after = meta_loss_after(problem, self._step_direction(problem, g_pri, g_aux, {}))
+            after = meta_loss_after(problem, {name: g for name in problem.parameters() if (g := gradient[name]) is not None})
         reward = before - after
         objective = self.generator.policy_objective(log_prob, reward)
         terms = {"reward": reward, "policy objective": objective}
         return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, reward=reward)
 
-    def _weighting_hypergradient(self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None) -> _MetaUpdate | None:
-        """A meta-learned weighting's exact hypergradient: theta' is linear in the weights."""
+    def _weighting_problem(
+        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
+    ) -> tuple[MetaProblem, GradientsAtTheta]:
+        """The meta problem of a meta-learned weighting, and the two losses' gradients at theta."""
         with torch.no_grad():
             targets = self._targets(x, y, index)[0]
         problem = self._problem(x, y, targets, x_meta, y_meta)
-        _, _, g_pri, g_aux = gradients_at_theta(problem)
-        meta_primary = meta_loss_after(problem, self._step_direction(problem, g_pri, g_aux, self.weighting.gradient_scales(g_pri, g_aux)))
+        return problem, gradients_at_theta(problem)
+
+    def _weighting_hypergradient(self, problem: MetaProblem, at_theta: GradientsAtTheta, scales: Mapping[str, Scale]) -> _MetaUpdate | None:
+        """A meta-learned weighting's exact hypergradient: ``theta'`` is linear in the weights (``scales``)."""
+        direction = {
+            name: _combined_gradient(at_theta.primary_grads[name], at_theta.aux_grads[name], self.aux_weight, scales.get(name, 1.0))
+            for name in problem.parameters()
+        }
+        meta_primary = meta_loss_after(problem, {name: g for name, g in direction.items() if g is not None})
         terms = {"primary loss at theta'": meta_primary}
         return self._meta_gradient("meta", meta_primary, list(self.weighting.parameters()), terms)
-
-    def _step_direction(
-        self, problem: MetaProblem, g_pri: Mapping[str, Tensor | None], g_aux: Mapping[str, Tensor | None], scales: Mapping[str, Scale]
-    ) -> dict[str, Tensor]:
-        """The virtual step's direction ``g_pri + aux_weight * scale * g_aux`` for each virtual parameter."""
-        direction = {name: _combined_gradient(g_pri[name], g_aux[name], self.aux_weight, scales.get(name, 1.0)) for name in problem.parameters()}
-        return {name: g for name, g in direction.items() if g is not None}
 
     def _meta_gradient(
         self, step: str, objective: Tensor, params: Sequence[nn.Parameter], terms: Mapping[str, Tensor], *, reward: Tensor | None = None

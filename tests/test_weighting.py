@@ -215,10 +215,10 @@ def maoal_meta_loss(wrapper: MetaAuxWrapper, weights: Tensor, x: Tensor, y: Tens
         net=wrapper._net, x=x, y=y, targets=wrapper.aux_targets(x, y), x_meta=x_meta, y_meta=y_meta,
         inner_lr=wrapper.inner_lr, aux_weight=wrapper.aux_weight, focal_gamma=0.0,
     )
-    _, _, g_pri, g_aux = gradients_at_theta(problem)
+    at_theta = gradients_at_theta(problem)
     step = {}
-    for name, gp in g_pri.items():
-        ga = g_aux[name]
+    for name, gp in at_theta.primary_grads.items():
+        ga = at_theta.aux_grads[name]
         scale = weights[0] if name.startswith("model.hidden.") else 1.0
         total = (gp if gp is not None else 0) + (scale * ga if ga is not None else 0)
         step[name] = total
@@ -301,3 +301,28 @@ def test_nan_loss_under_gcs_raises_before_anything_changes() -> None:
         wrapper.step(x, y, opt)
     after = snapshot(wrapper)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_maoal_step_shares_its_work_and_equals_loss_meta_step_backward() -> None:
+    """``step`` computes the gradients at theta once for the model step and the weights' meta step;
+    it must equal loss(), then meta_step(), then backward and optimizer.step (same theta and weights)."""
+    sgd = {"weighting_optimizer": lambda params: torch.optim.SGD(params, lr=5.0), "inner_lr": 0.5}
+    fused, plain = make("maoal", **sgd), make("maoal", **sgd)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        x, y = batch(10, seed=step, dtype=torch.float64)
+        x_meta, y_meta = batch(10, seed=100 + step, dtype=torch.float64)
+        loss_f = fused.step(x, y, opt_f, x_meta=x_meta, y_meta=y_meta)
+        loss_p = plain.loss(x, y)
+        plain.meta_step(x, y, x_meta, y_meta)
+        opt_p.zero_grad()
+        loss_p.backward()
+        opt_p.step()
+        assert float(loss_f) == pytest.approx(float(loss_p.detach()), rel=1e-12)
+    assert fused.steps == plain.steps == {"model": 4, "meta": 4}
+    assert isinstance(fused.weighting, ModuleWeighting)
+    assert not torch.allclose(fused.weighting.weights, torch.ones(1, dtype=torch.float64))  # the weights moved
+    for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        if isinstance(a, Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)

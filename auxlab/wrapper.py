@@ -551,6 +551,7 @@ class MetaAuxWrapper(nn.Module):
         index: Tensor | None = None,
         x_meta: Tensor | None = None,
         y_meta: Tensor | None = None,
+        max_grad_norm: float | None = None,
     ) -> Tensor:
         """A model step and a meta step on one batch, sharing their work.
 
@@ -565,6 +566,10 @@ class MetaAuxWrapper(nn.Module):
         Args:
             x, y, index, x_meta, y_meta: as in :meth:`meta_step`.
             optimizer: the optimizer of ``wrapper.parameters()``, stepped once.
+            max_grad_norm: clip the model step's gradient to this total 2-norm
+                (``torch.nn.utils.clip_grad_norm_`` over ``wrapper.parameters()``, after the
+                gradients were averaged over the ranks) before ``optimizer.step()``; None: no
+                clipping. The virtual step of the meta step is not clipped.
 
         Returns:
             The model step's loss, detached.
@@ -573,10 +578,12 @@ class MetaAuxWrapper(nn.Module):
             FloatingPointError: as :meth:`loss` and :meth:`meta_step`, before anything changes.
         """
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
+        if max_grad_norm is not None:
+            check_number(max_grad_norm, "max_grad_norm", positive=True)
         self.last_meta_objective = None
         due = self._meta_due()
         if due and self._weighting_optimizer is not None:
-            return self._step_with_weighting_update(x, y, optimizer, x_meta, y_meta, index)
+            return self._step_with_weighting_update(x, y, optimizer, x_meta, y_meta, index, max_grad_norm)
         if not due or self.engine not in SHARED_DERIVATIVES or not self._learns_by_hypergradient:
             # the meta update is computed first, so that a non-finite one raises before the model's statistics move
             statistics, update = self._meta_update(x, y, x_meta, y_meta, index) if due else ({}, None)
@@ -589,7 +596,7 @@ class MetaAuxWrapper(nn.Module):
                 loss = loss.detach()
                 if self._reducer is not None:
                     self._reducer.average_([loss, *(p.grad for p in self.parameters() if p.grad is not None)])
-                optimizer.step()
+                self._optimizer_step(optimizer, max_grad_norm)
             return loss.detach()
         self.steps["model"] += 1
         at_theta = None
@@ -604,13 +611,14 @@ class MetaAuxWrapper(nn.Module):
         model_finite = self._finite("model", loss, **{"primary loss": shared.primary_loss, "auxiliary loss": shared.aux_loss})
         update = self._hypergradient(shared.surrogate, targets)  # raises before anything changed, if it must
         if model_finite:
-            self._apply_model_gradient(optimizer, shared.grads, shared.buffers)
+            self._apply_model_gradient(optimizer, shared.grads, shared.buffers, max_grad_norm)
         if update is not None:
             self._apply_meta_update(statistics, update)
         return loss
 
     def _step_with_weighting_update(
-        self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
+        self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, x_meta: Tensor, y_meta: Tensor, index: Tensor | None,
+        max_grad_norm: float | None,
     ) -> Tensor:
         """:meth:`step` with a meta-learned weighting: one forward pass and the two gradients at theta
         serve the model step (with the weights before their update) and the weights' hypergradient."""
@@ -626,18 +634,26 @@ class MetaAuxWrapper(nn.Module):
                 name: _combined_gradient(g, at_theta.aux_grads[name], self.aux_weight, _detached(scales.get(name, 1.0)))
                 for name, g in at_theta.primary_grads.items()
             }
-            self._apply_model_gradient(optimizer, grads, at_theta.buffers)
+            self._apply_model_gradient(optimizer, grads, at_theta.buffers, max_grad_norm)
         if update is not None:
             self._apply_meta_update({}, update)
         return loss
 
-    def _apply_model_gradient(self, optimizer: torch.optim.Optimizer, grads: Mapping[str, Tensor | None], buffers: Mapping[str, Tensor]) -> None:
+    def _apply_model_gradient(
+        self, optimizer: torch.optim.Optimizer, grads: Mapping[str, Tensor | None], buffers: Mapping[str, Tensor], max_grad_norm: float | None
+    ) -> None:
         """The model step from gradients computed by hand: commit the forward pass's buffers, set ``.grad``, step."""
         _commit_buffers(self._net, buffers)
         optimizer.zero_grad(set_to_none=True)
         for name, p in self._net.named_parameters():
             if p.requires_grad:
                 p.grad = grads[name]
+        self._optimizer_step(optimizer, max_grad_norm)
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
+        """``optimizer.step()``, after clipping the gradients' total norm to ``max_grad_norm`` (if given)."""
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_grad_norm)
         optimizer.step()
 
     def _check_meta_inputs(

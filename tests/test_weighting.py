@@ -313,11 +313,12 @@ def test_maoal_step_shares_its_work_and_equals_loss_meta_step_backward() -> None
     for step in range(4):
         x, y = batch(10, seed=step, dtype=torch.float64)
         x_meta, y_meta = batch(10, seed=100 + step, dtype=torch.float64)
-        loss_f = fused.step(x, y, opt_f, x_meta=x_meta, y_meta=y_meta)
+        loss_f = fused.step(x, y, opt_f, x_meta=x_meta, y_meta=y_meta, max_grad_norm=0.2)
         loss_p = plain.loss(x, y)
         plain.meta_step(x, y, x_meta, y_meta)
         opt_p.zero_grad()
         loss_p.backward()
+        assert torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.2) > 0.2  # the clipping acts
         opt_p.step()
         assert float(loss_f) == pytest.approx(float(loss_p.detach()), rel=1e-12)
     assert fused.steps == plain.steps == {"model": 4, "meta": 4}

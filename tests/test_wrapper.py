@@ -573,13 +573,14 @@ def _pair(engine: str, **kwargs: object) -> tuple[MetaAuxWrapper, torch.optim.Op
     return wrapper, torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9)
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
 @pytest.mark.parametrize("engine", ["functional", "higher", "jvp", "finite_difference"])
-def test_step_equals_loss_then_meta_step_then_the_model_update(engine: str) -> None:
+def test_step_equals_loss_then_meta_step_then_the_model_update(engine: str, max_grad_norm: float | None) -> None:
     fused, fused_optimizer = _pair(engine)
     apart, apart_optimizer = _pair(engine)
     for seed in range(3):
         x, y = batch(9, seed=seed, dtype=torch.float64)
-        loss = fused.step(x, y, fused_optimizer)
+        loss = fused.step(x, y, fused_optimizer, max_grad_norm=max_grad_norm)
         expected = apart.loss(x, y)
         meta = apart.meta_step(x, y)
         assert meta is not None and apart.last_meta_objective is meta
@@ -587,12 +588,25 @@ def test_step_equals_loss_then_meta_step_then_the_model_update(engine: str) -> N
         assert torch.allclose(fused.last_meta_objective, meta, rtol=0, atol=1e-12)
         apart_optimizer.zero_grad()
         expected.backward()
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(apart.parameters(), max_grad_norm)
+            assert norm > 2 * max_grad_norm  # the clipping acts
         apart_optimizer.step()
         assert torch.allclose(loss, expected.detach(), rtol=0, atol=1e-12)
     after_fused, after_apart = snapshot(fused), snapshot(apart)
     for key, value in after_apart.items():
         assert torch.allclose(after_fused[key].double(), value.double(), rtol=0, atol=1e-9), key
     assert fused.steps == apart.steps == {"model": 3, "meta": 3}
+
+
+def test_step_rejects_a_bad_max_grad_norm_before_anything_changes() -> None:
+    wrapper, optimizer = _pair("jvp")
+    before = snapshot(wrapper)
+    for bad, error in ((0.0, ValueError), (-1.0, ValueError), (float("nan"), TypeError)):
+        with pytest.raises(error, match="max_grad_norm must be"):
+            wrapper.step(*batch(9, dtype=torch.float64), optimizer, max_grad_norm=bad)
+    assert_unchanged(wrapper, before)
+    assert wrapper.steps == {"model": 0, "meta": 0}
 
 
 def test_step_follows_meta_every_and_fixed_strategies() -> None:

@@ -649,8 +649,11 @@ def _train_epoch(
     alternating = config.schedule == "alternating"
     bar = _progress_bar(per_phase * (2 if alternating and meta_learns else 1), desc, config.progress)
 
-    def meta_batch() -> dict[str, Tensor]:
-        return meta_batches.next(device) if meta_batches is not None else {}
+    def meta_batch() -> tuple[Tensor | None, Tensor | None]:
+        if meta_batches is None:
+            return None, None
+        batch = meta_batches.next(device)
+        return batch["x_meta"], batch["y_meta"]
 
     wrapper.train()
     loss_sum, meta_sum, seen, meta_seen = 0.0, 0.0, 0, 0
@@ -662,7 +665,8 @@ def _train_epoch(
                 torch.autograd.backward(loss)
                 optimizer.step()
             else:  # the model step and the meta step together, sharing their work where the engine can
-                loss = wrapper.step(x, y, optimizer, index=index, **meta_batch())
+                x_meta, y_meta = meta_batch()
+                loss = wrapper.step(x, y, optimizer, index=index, x_meta=x_meta, y_meta=y_meta)
                 meta = wrapper.last_meta_objective
                 if meta is not None:
                     meta_sum += float(meta) * y.shape[0]
@@ -674,7 +678,8 @@ def _train_epoch(
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         if alternating and meta_learns:  # the original code: a whole epoch of meta steps after the model's epoch
             for x, y, index in _batches(loader, per_phase, device):
-                meta = wrapper.meta_step(x, y, index=index, **meta_batch())
+                x_meta, y_meta = meta_batch()
+                meta = wrapper.meta_step(x, y, x_meta, y_meta, index=index)
                 if meta is not None:  # None: a batch skipped by meta_every
                     meta_sum += float(meta) * y.shape[0]
                     meta_seen += y.shape[0]

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-import numbers
-from typing import Any, cast
+from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from auxlab._seeding import seeded
+from auxlab.generators._features import FeatureReader, check_features, feature_mlp
 from auxlab.generators.base import AuxLabelGenerator, check_mask
 from auxlab.hierarchy import HierarchyMask
-from auxlab.multitask import MultiTaskNet
 
 
 class MAXLGenerator(AuxLabelGenerator, name="maxl"):
@@ -81,7 +78,7 @@ class MAXLGenerator(AuxLabelGenerator, name="maxl"):
         return self.mask.softmax(scores, y)
 
 
-class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
+class LightMAXLGenerator(FeatureReader, name="maxl-light"):
     """MAXL with a light generator: an MLP on the classifier's own features, detached.
 
     The scores of the ``K`` auxiliary classes are ``mlp(h)``, with ``mlp = Linear(d, hidden) ->
@@ -110,43 +107,12 @@ class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
         seed: seeds the MLP's initialisation; the caller's random state is left as it was.
     """
 
-    seeded = True
-    reads_features = True
     mlp: nn.Sequential
-    head_name: str
-    _classifier: nn.Module
 
     def __init__(self, mask: HierarchyMask, *, model: nn.Module, head_name: str, hidden: int | None = None, seed: int = 0) -> None:
-        super().__init__(mask)
-        head = _classifier_head(model, head_name)
-        self.mlp = _feature_mlp(head, hidden=hidden, out_features=mask.num_aux_classes, seed=seed)
-        self.head_name = head_name
-        # A reference kept outside the module tree: not a submodule, so not in parameters(),
-        # state_dict(), .to() or train()/eval() of the generator.
-        object.__setattr__(self, "_classifier", model)
-
-    def extra_repr(self) -> str:
-        return f"features=input of {type(self._classifier).__name__}.{self.head_name}"
-
-    @property
-    def classifier(self) -> nn.Module:
-        """The classifier whose head input the MLP reads (not a submodule of the generator)."""
-        return self._classifier
-
-    @classmethod
-    def from_wrapper(
-        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, default_seed: int, **kwargs: Any
-    ) -> LightMAXLGenerator:
-        """The MLP on the wrapped ``model``'s head input; ``generator_kwargs`` may give ``hidden`` and ``seed``."""
-        return cls(mask, model=model, head_name=head_name, **{"seed": default_seed, **kwargs})
-
-    def features(self, x: Tensor) -> Tensor:
-        """``(B, d)``: the input of the classifier's head on ``x``, without gradient, detached.
-
-        The classifier runs in its current mode on copies of its buffers: no running statistic,
-        parameter or ``.grad`` of it changes.
-        """
-        return _head_input(self._classifier, self.head_name, x)
+        super().__init__(mask, model=model, head_name=head_name)
+        head = self.head
+        self.mlp = feature_mlp(head, hidden=hidden, out_features=mask.num_aux_classes, seed=seed)
 
     def forward(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
         """Targets from the classifier's features: ``x`` is the ``(B, d)`` head input (``reads_features``).
@@ -154,7 +120,7 @@ class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
         :class:`~auxlab.MetaAuxWrapper` passes the features of its own forward pass; on its own,
         call ``generator(generator.features(x), y)``.
         """
-        _check_features(x, self.mlp, "the light MAXL generator")
+        check_features(x, self.mlp, "the light MAXL generator")
         scores = self.mlp(x)
         expected = (y.shape[0], self.mask.num_aux_classes)
         if scores.shape != expected:
@@ -163,64 +129,3 @@ class LightMAXLGenerator(AuxLabelGenerator, name="maxl-light"):
                 "the head must receive (B, features)"
             )
         return self.mask.softmax(scores, y)
-
-
-# ------------------------------------------------------------------------------ shared by the strategies that read features
-# Private to the package: also used by auxlab.generators.rl_labels.PolicyLabels.
-def _classifier_head(model: object, head_name: str) -> nn.Linear:
-    """The classifier's primary head ``model.<head_name>``; a TypeError/ValueError naming what is wrong otherwise."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be the classifier, an nn.Module, got {type(model).__name__}")
-    try:
-        head = model.get_submodule(head_name)
-    except AttributeError as error:
-        raise ValueError(f"head_name={head_name!r} is not a submodule of the model") from error
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"head {head_name!r} must be an nn.Linear, got {type(head).__name__}")
-    return head
-
-
-def _feature_mlp(head: nn.Linear, *, hidden: int | None, out_features: int, seed: int) -> nn.Sequential:
-    """``Linear(d, hidden) -> ReLU -> Linear(hidden, out_features)`` on the head's input width ``d``.
-
-    Built on the head's device and dtype, initialised from ``seed`` (the caller's random state is
-    left as it was); ``hidden=None`` means ``d``.
-    """
-    width = head.in_features
-    if hidden is None:
-        hidden = width
-    if isinstance(hidden, bool) or not isinstance(hidden, numbers.Integral) or hidden < 1:
-        raise ValueError(f"hidden must be a positive integer (the MLP's hidden width), got {hidden!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    device, dtype = head.weight.device, head.weight.dtype
-    with seeded(int(seed), device):
-        return nn.Sequential(
-            nn.Linear(width, int(hidden), device=device, dtype=dtype),
-            nn.ReLU(),
-            nn.Linear(int(hidden), out_features, device=device, dtype=dtype),
-        )
-
-
-def _head_input(model: nn.Module, head_name: str, x: Tensor) -> Tensor:
-    """``(B, d)``: the input of ``model.<head_name>`` on ``x``, without gradient, detached.
-
-    The classifier runs in its current mode on copies of its buffers: no running statistic,
-    parameter or ``.grad`` of it changes.
-    """
-    net = MultiTaskNet(model, head_name, None)  # captures the head's input, checks it ran once
-    with torch.no_grad():
-        buffers = {name: b.clone() for name, b in net.named_buffers()}
-        kwargs = {"with_aux": False, "with_features": True}
-        _, _, features = functional_call(net, buffers, (x,), kwargs) if buffers else net(x, **kwargs)
-    return cast(Tensor, features).detach()
-
-
-def _check_features(x: Tensor, mlp: nn.Sequential, who: str) -> None:
-    """A ValueError unless ``x`` is a ``(B, d)`` batch of head inputs for ``mlp`` (from :func:`_feature_mlp`)."""
-    width = cast(nn.Linear, mlp[0]).in_features
-    if x.dim() != 2 or x.shape[1] != width:
-        raise ValueError(
-            f"{who} reads the classifier's features, (B, {width}); got {tuple(x.shape)}. "
-            "Pass generator.features(x) for a batch of inputs x"
-        )

@@ -9,14 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from auxlab.generators.base import AuxLabelGenerator
-from auxlab.generators.maxl import _check_features, _classifier_head, _feature_mlp, _head_input
+from auxlab.generators._features import FeatureReader, check_features, feature_mlp
 from auxlab.hierarchy import HierarchyMask
 
 __all__ = ["PolicyLabels"]
 
 
-class PolicyLabels(AuxLabelGenerator, name="rl"):
+class PolicyLabels(FeatureReader, name="rl"):
     """RL-AUX-style auxiliary labels: a stochastic policy assigns the sub-classes, and learns from
     the improvement of the primary task by policy gradient (REINFORCE), with no second-order gradient.
 
@@ -66,17 +65,13 @@ class PolicyLabels(AuxLabelGenerator, name="rl"):
         seed: seeds the MLP's initialisation and the draws; the caller's random state is left as it was.
     """
 
-    seeded = True
-    reads_features = True
     learns_by = "policy_gradient"
     net: nn.Sequential
     baseline: Tensor
     num_rewards: Tensor
-    head_name: str
     per_example_weights: bool
     baseline_momentum: float
     seed: int
-    _classifier: nn.Module
 
     def __init__(
         self,
@@ -89,8 +84,8 @@ class PolicyLabels(AuxLabelGenerator, name="rl"):
         baseline_momentum: float = 0.9,
         seed: int = 0,
     ) -> None:
-        super().__init__(mask)
-        head = _classifier_head(model, head_name)
+        super().__init__(mask, model=model, head_name=head_name)
+        head = self.head
         if not isinstance(per_example_weights, bool):
             raise TypeError(f"per_example_weights must be True or False, got {per_example_weights!r}")
         if (
@@ -103,51 +98,27 @@ class PolicyLabels(AuxLabelGenerator, name="rl"):
                 f"moving average), got {baseline_momentum!r}"
             )
         outputs = mask.num_aux_classes + int(per_example_weights)  # the last unit is the gate's logit
-        self.net = _feature_mlp(head, hidden=hidden, out_features=outputs, seed=seed)  # validates hidden and seed
-        self.head_name = head_name
+        self.net = feature_mlp(head, hidden=hidden, out_features=outputs, seed=seed)  # validates hidden and seed
         self.per_example_weights = per_example_weights
         self.baseline_momentum = float(baseline_momentum)
         self.seed = int(seed)
         device, dtype = head.weight.device, head.weight.dtype
         self.register_buffer("baseline", torch.zeros((), device=device, dtype=dtype))
         self.register_buffer("num_rewards", torch.zeros((), device=device, dtype=torch.long))
-        # A reference kept outside the module tree: not a submodule, so not in parameters(),
-        # state_dict(), .to() or train()/eval() of the generator.
-        object.__setattr__(self, "_classifier", model)
         self._rng: torch.Generator | None = None
         #: A state restored by set_extra_state before the first draw: (device type, generator state).
         self._restored_rng: tuple[str, Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (
-            f"features=input of {type(self._classifier).__name__}.{self.head_name}, "
+            f"{super().extra_repr()}, "
             f"per_example_weights={self.per_example_weights}, baseline_momentum={self.baseline_momentum}, seed={self.seed}"
         )
-
-    @property
-    def classifier(self) -> nn.Module:
-        """The classifier whose head input the policy reads (not a submodule of the generator)."""
-        return self._classifier
-
-    @classmethod
-    def from_wrapper(
-        cls, mask: HierarchyMask, *, model: nn.Module, head_name: str, default_seed: int, **kwargs: Any
-    ) -> PolicyLabels:
-        """The policy on the wrapped ``model``'s head input; ``generator_kwargs`` may give every other argument."""
-        return cls(mask, model=model, head_name=head_name, **{"seed": default_seed, **kwargs})
-
-    def features(self, x: Tensor) -> Tensor:
-        """``(B, d)``: the input of the classifier's head on ``x``, without gradient, detached.
-
-        The classifier runs in its current mode on copies of its buffers: no running statistic,
-        parameter or ``.grad`` of it changes.
-        """
-        return _head_input(self._classifier, self.head_name, x)
 
     # ----------------------------------------------------------------------------------- the policy
     def _outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(B, K)`` sub-class scores and the ``(B,)`` gate logits (None without per-example weights)."""
-        _check_features(x, self.net, "the RL label policy")
+        check_features(x, self.net, "the RL label policy")
         out = self.net(x)
         k = self.mask.num_aux_classes
         return out[:, :k], (out[:, k] if self.per_example_weights else None)

@@ -34,7 +34,7 @@ from auxlab.experiments import (
     run_experiment,
 )
 from auxlab.experiments.config import build_parser
-from auxlab.experiments.report import summarise
+from auxlab.experiments.report import _verdict, summarise
 from auxlab.experiments.run import _progress_bar, build_wrapper, generator_kwargs, run_data
 from auxlab.experiments.strategies import Strategy
 from auxlab.generators import GENERATORS
@@ -307,7 +307,9 @@ def test_summary_gain_and_its_standard_error() -> None:
     records = [rec("single", s, a) for s, a in enumerate([0.90, 0.92, 0.94])]
     records += [rec("maxl", s, a) for s, a in enumerate([0.95, 0.96, 0.97])]
     records += [rec("random", s, a) for s, a in enumerate([0.89, 0.93, 0.95])]
-    single, maxl, random = summarise(records)
+    records += [rec("kmeans", s, a) for s, a in enumerate([0.85, 0.86, 0.87])]
+    single, maxl, random, kmeans = summarise(records)
+    assert [_verdict(row) for row in (single, maxl, random, kmeans)] == ["", "yes", "no", "yes, worse"]
     assert single.gain is None and single.beyond_noise is None
     assert maxl.test_mean == pytest.approx(0.96) and maxl.test_std == pytest.approx(0.01)
     assert maxl.gain == pytest.approx(0.04)

@@ -237,14 +237,16 @@ def _verdict(row: StrategySummary) -> str:
         return ""
     if row.gain_se is None:
         return "n/a (1 seed)"
-    return "yes" if row.beyond_noise else "no"
+    if not row.beyond_noise:
+        return "no"
+    return "yes" if row.gain > 0 else "yes, worse"
 
 
 def summary_table(rows: Sequence[StrategySummary], *, num_aux_classes: int) -> str:
     """The Markdown table of :func:`summarise`'s rows."""
     header = (
         "| strategy | test acc. (%) | val acc. (%) | seeds | gain over single (pp) | s.e. of gain (pp) "
-        f"| gain > {NOISE_FACTOR:g} s.e.? | sub-classes used (of {num_aux_classes}), start → end "
+        f"| beyond {NOISE_FACTOR:g} s.e.? | sub-classes used (of {num_aux_classes}), start → end "
         "| target confidence, start → end | s / epoch |"
     )
     lines = [header, "|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|"]
@@ -328,7 +330,7 @@ _READING = (
     "was selected, and the test set was read only for this number. Validation accuracy is measured on a split "
     "carved out of the training set, at the same last epoch. Mean ± sample standard deviation over seeds.\n\n"
     "Gain: difference of mean test accuracy to `single`, in percentage points; s.e. = "
-    "sqrt(std_a²/n_a + std_single²/n_single). \"yes\" means the gain exceeds {factor} s.e., a rough screen against "
+    "sqrt(std_a²/n_a + std_single²/n_single). \"yes\" means the gain exceeds {factor} s.e. (\"yes, worse\": a loss that large), a rough screen against "
     "seed noise, not a significance test (with 3 seeds a t-test would ask for more).\n\n"
     "Sub-classes used (the label-collapse diagnostic): summed over primary classes, the sub-classes that hold more "
     "than half of a uniform share (1 / (2 psi[c])) of the class's probe samples, by argmax of the auxiliary "

@@ -38,6 +38,7 @@ from auxlab.experiments.report import _verdict, summarise
 from auxlab.experiments.run import _progress_bar, build_wrapper, generator_kwargs, run_data
 from auxlab.experiments.strategies import Strategy
 from auxlab.generators import GENERATORS
+from auxlab.generators.sla import SLALabels
 from auxlab.hierarchy import HierarchyMask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -196,6 +197,8 @@ def test_strategy_syntax() -> None:
         (["--dev-fraction", "0"], "dev_fraction must lie in (0, 0.5], got 0.0"),
         (["--weighting-kwargs", '{"gsc": {}}'], "weighting_kwargs has unknown weighting 'gsc'; its keys must be weightings among"),
         (["--weighting-kwargs", '{"gcs": "scale"}'], "weighting_kwargs['gcs'] must be a JSON object of keyword arguments, got 'scale'"),
+        (["--generator-kwargs", '{"slaa": {}}'], "generator_kwargs has unknown generator 'slaa'; its keys must be generators among"),
+        (["--generator-kwargs", '{"sla": 1}'], "generator_kwargs['sla'] must be a JSON object of keyword arguments, got 1"),
     ],
 )
 def test_bad_strategies_name_the_strategy_and_the_choices(argv: list[str], message: str) -> None:
@@ -518,6 +521,17 @@ def test_a_weighting_the_wrapper_refuses_stops_the_experiment_before_anything_tr
     config = tiny(tmp_path, strategies=("kmeans+gcs",), weighting_kwargs={"gcs": {"mood": "scale"}}, name="kwargs")
     with pytest.raises(ConfigError, match=re.escape("'kmeans+gcs', which cannot run: could not build weighting='gcs' from weighting_kwargs")):
         run_experiment(config, log=quiet)
+
+
+def test_generator_kwargs_reach_the_generator_and_bad_ones_stop_the_experiment(tmp_path: Path) -> None:
+    config = replace(tiny(tmp_path, strategies=("single", "sla"), generator_kwargs={"sla": {"distillation_weight": 0.5}}), psi=(5,) * 10)
+    data = load_task(config)
+    wrapper = build_wrapper(config, data, Strategy.parse("sla"), seed=0, device=torch.device("cpu"))
+    assert isinstance(wrapper.generator, SLALabels) and wrapper.generator.distillation_weight == 0.5
+    bad = tiny(tmp_path, strategies=("single", "sla"), generator_kwargs={"sla": {"distillation": 0.5}}, name="bad")
+    with pytest.raises(ConfigError, match=re.escape("strategies has 'sla', which cannot run: could not build generator='sla'")):
+        run_experiment(bad, log=quiet)
+    assert not (tmp_path / "bad").exists(), "files were written"
 
 
 def test_fixed_labels_are_built_from_the_split_trained_on(tmp_path: Path) -> None:

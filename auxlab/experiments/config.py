@@ -87,6 +87,9 @@ class ExperimentConfig:
     weighting_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
         'keyword arguments of each weighting, as a JSON object of weighting name -> object, e.g. \'{"gcs": {"mode": "scale"}}\'; '
         "a weighting not named gets its defaults"))
+    generator_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        'extra keyword arguments of each generator, as a JSON object of generator name -> object, e.g. '
+        '\'{"sla": {"distillation_weight": 1.0}}\'; added to the data the runner gives random, kmeans and human'))
     psi: tuple[int, ...] | None = field(default=None, metadata=_help(
         "sub-classes per primary class: one int for all classes or one per class; none: the dataset's fine-label hierarchy if it has one "
         "(fashion-mnist coarse: 4,1,1,3,1), else 5"))
@@ -210,6 +213,7 @@ class ExperimentConfig:
 
     def _validate_strategies(self) -> None:
         from auxlab.experiments.strategies import Strategy
+        from auxlab.generators import GENERATORS
         from auxlab.weighting import WEIGHTINGS
 
         if not self.strategies:
@@ -217,6 +221,11 @@ class ExperimentConfig:
         _no_duplicates("strategies", self.strategies)
         for s in self.strategies:
             Strategy.parse(s)
+        for name, kwargs in self.generator_kwargs.items():
+            if name not in GENERATORS:
+                raise ConfigError(f"generator_kwargs has unknown generator {name!r}; its keys must be generators among {', '.join(sorted(GENERATORS))}")
+            if not isinstance(kwargs, Mapping):
+                raise ConfigError(f"generator_kwargs[{name!r}] must be a JSON object of keyword arguments, got {kwargs!r}")
         for name, kwargs in self.weighting_kwargs.items():
             if name not in WEIGHTINGS:
                 raise ConfigError(f"weighting_kwargs has unknown weighting {name!r}; its keys must be weightings among {', '.join(sorted(WEIGHTINGS))}")

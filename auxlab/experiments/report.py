@@ -289,6 +289,8 @@ def _setup(config: ExperimentConfig, description: str) -> list[str]:
         f"- Model: {model}; psi = {list(config.psi)} (K = {sum(config.psi)} auxiliary classes).",
         training,
     ]
+    if config.generator_kwargs:
+        lines.append(f"- Generator arguments: {'; '.join(f'`{g}` {json.dumps(kw)}' for g, kw in config.generator_kwargs.items())}.")
     if config.weighting_kwargs:
         lines.append(f"- Weighting arguments: {'; '.join(f'`{w}` {json.dumps(kw)}' for w, kw in config.weighting_kwargs.items())}.")
     return [*lines, f"- Seeds: {', '.join(str(s) for s in config.seeds)}."]

@@ -322,7 +322,7 @@ def build_wrapper(config: ExperimentConfig, data: TaskData, strategy: Strategy, 
         num_classes=data.num_classes,
         psi=list(strategy.psi(config.psi)),
         generator=strategy.generator,
-        generator_kwargs=generator_kwargs(strategy.generator, config, data),
+        generator_kwargs={**generator_kwargs(strategy.generator, config, data), **config.generator_kwargs.get(strategy.generator, {})},
         generator_optimizer=lambda params: _GENERATOR_OPTIMIZERS[config.generator_optimizer](
             params, lr=config.generator_lr, weight_decay=config.generator_weight_decay
         ),
@@ -343,7 +343,7 @@ def check_combinations(config: ExperimentConfig, data: TaskData) -> None:
     """Refuse, before anything trains, a strategy whose generator and weighting the wrapper does not combine.
 
     The wrapper of every strategy with a weighting other than ``constant`` (or with
-    ``weighting_kwargs`` for it) is built once, and dropped: a weighting needs labels that do not learn (not ``maxl`` or ``rl``), ``maoal`` does not
+    ``weighting_kwargs`` for it, or ``generator_kwargs`` for its generator) is built once, and dropped: a weighting needs labels that do not learn (not ``maxl`` or ``rl``), ``maoal`` does not
     take a strategy that augments the batch (``sla``), and ``weighting_kwargs`` must fit.
 
     Raises:
@@ -352,7 +352,7 @@ def check_combinations(config: ExperimentConfig, data: TaskData) -> None:
     device = torch.device(config.device)
     for name in config.strategies:
         strategy = Strategy.parse(name)
-        if strategy.weighting == DEFAULT_WEIGHTING and not config.weighting_kwargs.get(DEFAULT_WEIGHTING):
+        if strategy.weighting == DEFAULT_WEIGHTING and not config.weighting_kwargs.get(DEFAULT_WEIGHTING) and not config.generator_kwargs.get(strategy.generator):
             continue
         try:
             with _random_states_kept(device):
@@ -360,7 +360,7 @@ def check_combinations(config: ExperimentConfig, data: TaskData) -> None:
         except (TypeError, ValueError) as error:
             raise ConfigError(
                 f"strategies has {name!r}, which cannot run: {error}. Run {strategy.generator!r} without a weighting, "
-                f"or +{strategy.weighting} with another generator"
+                f"or +{strategy.weighting} with another generator, and check generator_kwargs and weighting_kwargs"
             ) from error
 
 

@@ -507,7 +507,7 @@ class MetaAuxWrapper(nn.Module):
     def meta_step(
         self, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *, index: Tensor | None = None
     ) -> Tensor | None:
-        """One MAXL meta step: updates the label generator, and nothing else.
+        """One meta step: updates the label generator (MAXL), or what else learns in it, and nothing else.
 
         Forms the virtual step ``theta' = theta - inner_lr * grad_theta (L_pri + aux_weight * L_aux)``
         on ``(x, y)`` over all trainable parameters of the classifier and auxiliary head, keeping the
@@ -516,8 +516,15 @@ class MetaAuxWrapper(nn.Module):
         generator's optimizer. No classifier parameter, BatchNorm running statistic, ``.grad`` or
         state of the user's optimizer changes.
 
-        For a strategy that learns nothing (``"random"``, ``"kmeans"``, ``"human"``, single task) it
-        checks its input and returns None: a no-op.
+        The other learners take their own meta step here instead, with the same guarantee:
+
+        - a policy-gradient strategy (``generator="rl"``): REINFORCE on the decrease of the meta
+          loss after a virtual step with sampled labels (no second-order gradient);
+        - a meta-learned weighting (``weighting="maoal"``): the module weights' exact first-order
+          hypergradient through the virtual step (give ``x_meta, y_meta`` from a development split).
+
+        When nothing learns (``"random"``, ``"kmeans"``, ``"human"``, ``"sla"``, single task, with a
+        weighting that is not meta-learned) it checks its input and returns None: a no-op.
 
         Args:
             x, y: the batch of the virtual step, as in :meth:`loss`.
@@ -530,7 +537,7 @@ class MetaAuxWrapper(nn.Module):
 
         Raises:
             FloatingPointError: if the meta objective or the hypergradient is not finite and
-                ``nonfinite="raise"``; the generator is then left unchanged.
+                ``nonfinite="raise"``; the generator (or weighting) is then left unchanged.
         """
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
         self.last_meta_objective = None

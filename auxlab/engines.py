@@ -140,7 +140,13 @@ def forward_mode(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, 
     """
     with forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p, direction[name]) for name, p in at.items()}  # type: ignore[no-untyped-call]
-        primal, tangent = forward_ad.unpack_dual(function(duals))  # type: ignore[no-untyped-call]
+        try:
+            primal, tangent = forward_ad.unpack_dual(function(duals))  # type: ignore[no-untyped-call]
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"engine='jvp' needs a forward-mode derivative of every operation of the model, and one has none: {error} "
+                "Pass engine='functional' (exact, second order) or engine='finite_difference' to MetaAuxWrapper"
+            ) from error
         return torch.zeros_like(primal) if tangent is None else cast(Tensor, tangent)
 
 

@@ -8,6 +8,7 @@ objective with respect to the generator's parameters by central finite differenc
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 import torch
@@ -339,3 +340,32 @@ def test_forward_mode_equals_torch_func_jvp_and_reverse_over_reverse() -> None:
     assert torch.allclose(forward_mode(f, at, direction), expected, rtol=0, atol=1e-12)
     error = torch.linalg.vector_norm(central_difference(f, at, direction) - expected)
     assert error <= 1e-3 * torch.linalg.vector_norm(expected)  # O(eps^2), eps * ||direction|| = 0.01
+
+
+def test_jvp_names_the_fix_when_an_operation_has_no_forward_mode_derivative() -> None:
+    class NoForwardMode(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Tensor) -> Tensor:
+            return x * 2
+
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> Tensor:
+            return grad * 2
+
+    class Doubling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = nn.Linear(6, 5)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(NoForwardMode.apply(torch.tanh(self.hidden(x))))
+
+    x, y = batch(8)
+    wrapper = MetaAuxWrapper(Doubling(), num_classes=3, psi=2)  # the default engine, jvp
+    before = snapshot(wrapper)
+    with pytest.raises(NotImplementedError, match="engine='jvp' needs a forward-mode derivative.*Pass engine='functional'"):
+        wrapper.meta_step(x, y)
+    assert all(torch.equal(v, snapshot(wrapper)[k]) for k, v in before.items())
+    exact = MetaAuxWrapper(Doubling(), num_classes=3, psi=2, engine="functional")
+    assert exact.meta_step(x, y) is not None

@@ -534,7 +534,7 @@ def test_engine_can_be_switched_after_construction(monkeypatch: pytest.MonkeyPat
     used = []
     for name, engine in list(auxlab.engines.ENGINES.items()):
         monkeypatch.setitem(auxlab.engines.ENGINES, name, lambda problem, name=name, engine=engine: used.append(name) or engine(problem))
-    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2)
+    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2, engine="functional")
     x, y = batch(6)
     wrapper.meta_step(x, y)
     wrapper.engine = "jvp"

@@ -118,7 +118,7 @@ class ExperimentConfig:
     aux_weight: float = field(default=1.0, metadata=_help("weight of the auxiliary loss (paper: 1.0)"))
     entropy_weight: float = field(default=0.2, metadata=_help("weight of the generator's entropy regulariser (paper: 0.2)"))
     focal_gamma: float = field(default=0.0, metadata=_help("0: cross entropy on both heads; 2: the paper's focal loss"))
-    engine: str = field(default="functional", metadata=_help(
+    engine: str = field(default="jvp", metadata=_help(
         "hypergradient engine of auxlab.engines: functional (exact, torch.func), higher, jvp (exact, forward mode) or finite_difference (first order)"))
     meta_every: int = field(default=1, metadata=_help("take the meta step on every meta_every-th batch only; 1: every batch, as in the paper"))
     virtual_params: tuple[str, ...] | None = field(default=None, metadata=_help(

@@ -57,12 +57,26 @@ class _MetaUpdate(NamedTuple):
     reward: Tensor | None = None  # a policy-gradient strategy's reward, for record_reward
 
 
-def _combined_gradient(primary: Tensor | None, aux: Tensor | None, aux_weight: float, scale: Scale) -> Tensor | None:
-    """``g_pri + aux_weight * scale * g_aux``; None where neither loss reaches the parameter."""
-    if aux is None:
-        return primary
-    weighted = aux * (aux_weight * scale)
-    return weighted if primary is None else primary + weighted
+def _combined_gradients(
+    primary: Mapping[str, Tensor | None], aux: Mapping[str, Tensor | None], aux_weight: float, scales: Mapping[str, Scale], names: Iterable[str]
+) -> dict[str, Tensor | None]:
+    """``g_pri + aux_weight * scale * g_aux`` for each parameter of ``names`` (a scale left out is 1);
+    None where neither loss reaches the parameter."""
+    combined: dict[str, Tensor | None] = {}
+    for name in names:
+        g_pri, g_aux = primary[name], aux[name]
+        if g_aux is None:
+            combined[name] = g_pri
+            continue
+        weighted = g_aux * (aux_weight * scales.get(name, 1.0))
+        combined[name] = weighted if g_pri is None else g_pri + weighted
+    return combined
+
+
+def _strategy_name(module: nn.Module) -> str:
+    """A strategy's or weighting's registered name, else its class name (for messages)."""
+    name = getattr(module, "name", None)
+    return name if isinstance(name, str) else type(module).__name__
 
 
 def _with_gradient(value: Tensor, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor:
@@ -294,12 +308,12 @@ class MetaAuxWrapper(nn.Module):
         generator, constant = self.generator, isinstance(self.weighting, ConstantWeighting)
         if generator is None:
             if not constant:
-                raise ValueError(f"weighting={self.weighting.name or type(self.weighting).__name__!r} needs an auxiliary loss to weight; generator='single' has none")
+                raise ValueError(f"weighting={_strategy_name(self.weighting)!r} needs an auxiliary loss to weight; generator='single' has none")
             return
-        name = generator.name or type(generator).__name__
+        name = _strategy_name(generator)
         if not constant and generator.learns:
             raise ValueError(
-                f"weighting={self.weighting.name or type(self.weighting).__name__!r} needs labels that do not learn, but generator={name!r} "
+                f"weighting={_strategy_name(self.weighting)!r} needs labels that do not learn, but generator={name!r} "
                 "learns them in the meta step (whose virtual step uses the constant aux_weight); use a fixed strategy such as 'human' or 'kmeans'"
             )
         if not constant and self._reducer is not None:
@@ -309,7 +323,7 @@ class MetaAuxWrapper(nn.Module):
         if generator.augments and (generator.learns or generator.needs_index):
             raise ValueError(f"generator={name!r} augments the batch, so it can neither learn nor read dataset indices")
         if generator.augments and self.weighting.meta_learned:
-            raise ValueError(f"weighting={self.weighting.name!r} does not support a strategy that augments the batch (generator={name!r})")
+            raise ValueError(f"weighting={_strategy_name(self.weighting)!r} does not support a strategy that augments the batch (generator={name!r})")
 
     def _build_mask(self, psi: int | Sequence[int] | None, mask: HierarchyMask | None) -> HierarchyMask:
         if mask is not None:
@@ -452,7 +466,7 @@ class MetaAuxWrapper(nn.Module):
         assert aux is not None
         extra = generator.extra_loss(primary, aux, y)
         if extra is not None:
-            terms[f"{generator.name or type(generator).__name__} extra loss"] = extra
+            terms[f"{_strategy_name(generator)} extra loss"] = extra
             primary_loss = primary_loss + extra  # counted with the primary loss by a gradient-level weighting
         loss = self.weighting.combine(primary_loss, aux_loss, self.aux_weight)
         if not self._finite("model", loss, **terms):
@@ -468,17 +482,15 @@ class MetaAuxWrapper(nn.Module):
         g_pri = dict(zip(names, torch.autograd.grad(primary_loss, params, retain_graph=True, allow_unused=True)))
         g_aux = dict(zip(names, torch.autograd.grad(aux_loss, params, allow_unused=True)))
         with torch.no_grad():
-            scales = self.weighting.gradient_scales(g_pri, g_aux)
-            grads = [
-                _combined_gradient(g_pri[name], g_aux[name], self.aux_weight, _detached(scales.get(name, 1.0))) for name in names
-            ]
-        return _with_gradient(loss, params, grads)
+            scales = _detached(self.weighting.gradient_scales(g_pri, g_aux))
+            grads = _combined_gradients(g_pri, g_aux, self.aux_weight, scales, names)
+        return _with_gradient(loss, params, [grads[name] for name in names])
 
     def _augmented(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch of an augmenting strategy's auxiliary task, checked."""
         assert self.generator is not None
         x_aux, y_aux = self.generator.augment(x, y)
-        name = self.generator.name or type(self.generator).__name__
+        name = _strategy_name(self.generator)
         if y_aux is None or y_aux.shape[0] != x_aux.shape[0] or x_aux.shape[0] % x.shape[0] or not torch.equal(y_aux[: y.shape[0]], y):
             raise ValueError(
                 f"generator={name!r} augmented a batch of {x.shape[0]} into {x_aux.shape[0]} inputs and "
@@ -499,7 +511,7 @@ class MetaAuxWrapper(nn.Module):
             ValueError: if the strategy does not augment the batch (e.g. ``generator="sla"``).
         """
         if self.generator is None or not self.generator.augments:
-            name = "single" if self.generator is None else (self.generator.name or type(self.generator).__name__)
+            name = "single" if self.generator is None else _strategy_name(self.generator)
             raise ValueError(f"aggregated_logits needs a strategy that augments the batch, such as generator='sla'; this wrapper has generator={name!r}")
         x_aux, _ = self.generator.augment(x, None)
         (_, aux), _ = _call_on_buffer_copies(self._net, x_aux)
@@ -639,10 +651,7 @@ class MetaAuxWrapper(nn.Module):
         scales = self.weighting.gradient_scales(at_theta.primary_grads, at_theta.aux_grads)
         update = self._weighting_hypergradient(problem, at_theta, scales)  # raises before anything changed, if it must
         if model_finite:
-            grads = {
-                name: _combined_gradient(g, at_theta.aux_grads[name], self.aux_weight, _detached(scales.get(name, 1.0)))
-                for name, g in at_theta.primary_grads.items()
-            }
+            grads = _combined_gradients(at_theta.primary_grads, at_theta.aux_grads, self.aux_weight, _detached(scales), at_theta.primary_grads)
             self._apply_model_gradient(optimizer, grads, at_theta.buffers, max_grad_norm)
         if update is not None:
             self._apply_meta_update({}, update)
@@ -732,10 +741,7 @@ class MetaAuxWrapper(nn.Module):
 
     def _weighting_hypergradient(self, problem: MetaProblem, at_theta: GradientsAtTheta, scales: Mapping[str, Scale]) -> _MetaUpdate | None:
         """A meta-learned weighting's exact hypergradient: ``theta'`` is linear in the weights (``scales``)."""
-        direction = {
-            name: _combined_gradient(at_theta.primary_grads[name], at_theta.aux_grads[name], self.aux_weight, scales.get(name, 1.0))
-            for name in problem.parameters()
-        }
+        direction = _combined_gradients(at_theta.primary_grads, at_theta.aux_grads, self.aux_weight, scales, problem.parameters())
         meta_primary = meta_loss_after(problem, {name: g for name, g in direction.items() if g is not None})
         terms = {"primary loss at theta'": meta_primary}
         return self._meta_gradient("meta", meta_primary, list(self.weighting.parameters()), terms)
@@ -968,5 +974,6 @@ class MetaAuxWrapper(nn.Module):
             raise ValueError(f"the model returned shape {tuple(primary.shape)} but (B, num_classes) = {expected} was expected")
 
 
-def _detached(scale: Scale) -> Scale:
-    return scale.detach() if isinstance(scale, Tensor) else scale
+def _detached(scales: Mapping[str, Scale]) -> dict[str, Scale]:
+    """``scales`` without their graph (a meta-learned weighting's are differentiable)."""
+    return {name: scale.detach() if isinstance(scale, Tensor) else scale for name, scale in scales.items()}

@@ -35,7 +35,7 @@ from auxlab.multitask import MultiTaskNet
 
 __all__ = [
     "ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "GradientsAtTheta", "MetaProblem", "SharedStep", "get_engine", "gradient_at_theta", "gradients_at_theta",
-    "linearised_step", "meta_loss_after", "virtual_step",
+    "linearised_step", "meta_loss_after", "separate_gradients", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -276,11 +276,19 @@ def gradients_at_theta(problem: MetaProblem) -> GradientsAtTheta:
     """The gradients of ``L_pri`` and of ``L_aux`` on ``(x, y)`` at theta, apart (two backward passes)."""
     with torch.enable_grad():
         primary, primary_loss, aux_loss, every, buffers = _losses_at_theta(problem)
-        g_pri = torch.autograd.grad(primary_loss, list(every.values()), retain_graph=True, allow_unused=True)
-        g_aux = torch.autograd.grad(aux_loss, list(every.values()), allow_unused=True)
-    return GradientsAtTheta(
-        primary.detach(), primary_loss.detach(), aux_loss.detach(), dict(zip(every, g_pri)), dict(zip(every, g_aux)), buffers
-    )
+        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, every)
+    return GradientsAtTheta(primary.detach(), primary_loss.detach(), aux_loss.detach(), g_pri, g_aux, buffers)
+
+
+def separate_gradients(
+    primary_loss: Tensor, aux_loss: Tensor, params: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor | None], dict[str, Tensor | None]]:
+    """``(grad L_pri, grad L_aux)`` for ``params`` by name, apart: two backward passes through one graph
+    (None where a loss does not reach a parameter). The graph is freed afterwards."""
+    values = list(params.values())
+    g_pri = torch.autograd.grad(primary_loss, values, retain_graph=True, allow_unused=True)
+    g_aux = torch.autograd.grad(aux_loss, values, allow_unused=True)
+    return dict(zip(params, g_pri)), dict(zip(params, g_aux))
 
 
 def gradient_at_theta(problem: MetaProblem) -> dict[str, Tensor | None]:

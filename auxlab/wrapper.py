@@ -23,6 +23,7 @@ from auxlab.engines import (
     gradients_at_theta,
     linearised_step,
     meta_loss_after,
+    separate_gradients,
 )
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
@@ -478,13 +479,12 @@ class MetaAuxWrapper(nn.Module):
 
     def _weighted_gradient_loss(self, loss: Tensor, primary_loss: Tensor, aux_loss: Tensor) -> Tensor:
         """``loss`` whose gradient is ``g_pri + aux_weight * scale * g_aux``, scaled per parameter by the weighting."""
-        names, params = zip(*((name, p) for name, p in self._net.named_parameters() if p.requires_grad))
-        g_pri = dict(zip(names, torch.autograd.grad(primary_loss, params, retain_graph=True, allow_unused=True)))
-        g_aux = dict(zip(names, torch.autograd.grad(aux_loss, params, allow_unused=True)))
+        params = {name: p for name, p in self._net.named_parameters() if p.requires_grad}
+        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, params)
         with torch.no_grad():
             scales = _detached(self.weighting.gradient_scales(g_pri, g_aux))
-            grads = _combined_gradients(g_pri, g_aux, self.aux_weight, scales, names)
-        return _with_gradient(loss, params, [grads[name] for name in names])
+            grads = _combined_gradients(g_pri, g_aux, self.aux_weight, scales, params)
+        return _with_gradient(loss, list(params.values()), [grads[name] for name in params])
 
     def _augmented(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch of an augmenting strategy's auxiliary task, checked."""

@@ -661,3 +661,29 @@ def test_everything_stays_finite_under_bfloat16_autocast(engine: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(wrapper.step(x, y, optimizer))
     assert all(torch.isfinite(p).all() for p in wrapper.state_dict().values() if isinstance(p, Tensor) and p.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("generator", "weighting", "psi"),
+    [("sla", "constant", 4), ("rl", "constant", 5), ("random", "gcs", 5), ("random", "uncertainty", 5), ("random", "maoal", 5)],
+)
+def test_the_other_methods_stay_finite_under_bfloat16_autocast(generator: str, weighting: str, psi: int) -> None:
+    torch.manual_seed(0)
+    kwargs = {"num_samples": 16} if generator == "random" else None
+    wrapper = MetaAuxWrapper(TinyCNN(), num_classes=10, psi=psi, generator=generator, generator_kwargs=kwargs, weighting=weighting)
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.01)
+    x, y = image_batch(16)
+    x = x * 1e3  # large activations
+    x_meta, y_meta = image_batch(16, seed=1)
+    index = torch.arange(16)
+    before = snapshot(wrapper)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wrapper.step(x, y, optimizer, index=index, x_meta=x_meta, y_meta=y_meta)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    after = snapshot(wrapper)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert not torch.equal(before["model.classifier.weight"], after["model.classifier.weight"])  # it trained
+    if generator == "sla":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(wrapper.aggregated_logits(x)).all()

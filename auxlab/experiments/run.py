@@ -568,13 +568,13 @@ class _MetaBatches:
         self.order = torch.randperm(len(self.dataset), generator=self.generator)
         self.taken = int(taken)
 
-    def next(self, device: torch.device) -> dict[str, Tensor]:
-        """The next meta batch, as the ``x_meta``, ``y_meta`` keyword arguments of ``step`` and ``meta_step``."""
+    def next(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The next meta batch ``(x_meta, y_meta)`` for ``step`` and ``meta_step``."""
         if self.taken == self.per_pass:
             self.load_state(self.generator.get_state(), 0)
         index = self.order[self.taken * self.batch_size : (self.taken + 1) * self.batch_size]
         self.taken += 1
-        return {"x_meta": self.dataset.images[index].to(device), "y_meta": self.dataset.labels[index].to(device)}
+        return self.dataset.images[index].to(device), self.dataset.labels[index].to(device)
 
 
 def _encode_state(state: Tensor) -> str:
@@ -650,10 +650,7 @@ def _train_epoch(
     bar = _progress_bar(per_phase * (2 if alternating and meta_learns else 1), desc, config.progress)
 
     def meta_batch() -> tuple[Tensor | None, Tensor | None]:
-        if meta_batches is None:
-            return None, None
-        batch = meta_batches.next(device)
-        return batch["x_meta"], batch["y_meta"]
+        return meta_batches.next(device) if meta_batches is not None else (None, None)
 
     wrapper.train()
     loss_sum, meta_sum, seen, meta_seen = 0.0, 0.0, 0, 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -170,7 +170,8 @@ class SharedStep:
         primary: ``(B, C)`` primary logits at theta, detached.
         primary_loss, aux_loss: the model step's loss terms at theta (targets detached).
         grads: gradient of ``primary_loss + aux_weight * aux_loss`` for every trainable parameter
-            of the network, by name (None where a parameter is unused): the model step's gradient.
+            of the network, by name (None where a parameter is unused): the model step's gradient,
+            multiplied by ``loss_scale`` if one was given.
         buffers: the network's buffers after the forward pass at theta (BatchNorm statistics), for
             the caller to commit.
         surrogate: as an engine's result: value ``L_pri(theta')``, gradient with respect to the
@@ -186,7 +187,11 @@ class SharedStep:
 
 
 def linearised_step(
-    problem: MetaProblem, derivative: DirectionalDerivative, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None
+    problem: MetaProblem,
+    derivative: DirectionalDerivative,
+    *,
+    at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None,
+    loss_scale: float | None = None,
 ) -> SharedStep:
     """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
 
@@ -194,6 +199,12 @@ def linearised_step(
     at theta', then one directional derivative of the auxiliary loss's coefficients ``c(theta)``
     along ``u``. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
     (``(primary, aux, buffers)``, with the graph to the parameters and the updated buffer copies).
+
+    ``loss_scale``: a number ``S`` (a ``GradScaler``'s scale, a power of two) by which both
+    losses are multiplied before their backward passes, and the direction ``u`` before the
+    directional derivative, so that half-precision gradients and tangents do not underflow. The
+    virtual step and the hypergradient are divided by ``S`` again, so they do not depend on it;
+    the returned model-step gradient stays multiplied by ``S``, for the scaler to unscale.
     """
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
     virtual = problem.parameters()
@@ -204,7 +215,8 @@ def linearised_step(
         else:
             primary, aux, step_buffers = at_theta
         primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
-        gradients = torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), allow_unused=True)
+        scale = 1.0 if loss_scale is None else loss_scale
+        gradients = torch.autograd.grad((primary_loss + problem.aux_weight * aux_loss) * scale, list(every.values()), allow_unused=True)
         primary_loss, aux_loss = primary_loss.detach(), aux_loss.detach()
         if problem.reducer is not None:  # the gradient of the mean loss over every rank's batch
             problem.reducer.average_([primary_loss, aux_loss, *(g for g in gradients if g is not None)])
@@ -212,11 +224,11 @@ def linearised_step(
         params = {name: p.detach() for name, p in virtual.items()}
         moved = {
             name: p.requires_grad_()
-            for name, p in virtual_step(params, [grads[name] for name in params], problem.inner_lr).items()
+            for name, p in virtual_step(params, [grads[name] for name in params], problem.inner_lr / scale).items()
         }
         primary_meta, _ = functional_call(problem.net, (moved, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
         meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
-        u_list = torch.autograd.grad(meta_loss, list(moved.values()), allow_unused=True)
+        u_list = torch.autograd.grad(meta_loss * scale, list(moved.values()), allow_unused=True)
     u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
     meta_loss = meta_loss.detach()
     share = 1.0
@@ -230,16 +242,34 @@ def linearised_step(
         return soft_target_coefficients(aux_at, focal_gamma=problem.focal_gamma)
 
     with torch.no_grad():
-        target_gradient = -problem.inner_lr * problem.aux_weight * share * derivative(coefficients, params, u)
-    linear = (problem.targets * target_gradient).sum()
+        target_gradient = -problem.inner_lr * problem.aux_weight * share / scale * derivative(coefficients, params, u)
     return SharedStep(
         primary=primary.detach(),
         primary_loss=primary_loss,
         aux_loss=aux_loss,
         grads=grads,
         buffers=step_buffers,
-        surrogate=meta_loss + linear - linear.detach(),
+        surrogate=_LinearSurrogate.apply(meta_loss, problem.targets, target_gradient),  # type: ignore[no-untyped-call]
     )
+
+
+class _LinearSurrogate(torch.autograd.Function):
+    """``value``, with gradient ``gradient`` with respect to ``inputs``.
+
+    Unlike ``value + (inputs * gradient).sum() - (...).detach()``, its value stays ``value`` when
+    ``gradient`` is not finite (a scaled gradient that overflowed), so that a non-finite
+    hypergradient is found as such and not as a non-finite meta loss.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, inputs: Tensor, gradient: Tensor) -> Tensor:
+        ctx.save_for_backward(gradient)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[None, Tensor, None]:
+        (gradient,) = ctx.saved_tensors
+        return None, grad_output * gradient, None
 
 
 class GradientsAtTheta(NamedTuple):

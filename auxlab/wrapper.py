@@ -573,6 +573,7 @@ class MetaAuxWrapper(nn.Module):
         x_meta: Tensor | None = None,
         y_meta: Tensor | None = None,
         max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Tensor:
         """A model step and a meta step on one batch, sharing their work.
 
@@ -591,6 +592,15 @@ class MetaAuxWrapper(nn.Module):
                 (``torch.nn.utils.clip_grad_norm_`` over ``wrapper.parameters()``, after the
                 gradients were averaged over the ranks) before ``optimizer.step()``; None: no
                 clipping. The virtual step of the meta step is not clipped.
+            scaler: a ``torch.amp.GradScaler``, for float16 autocast: every backward pass of the
+                step runs on its loss times the scaler's scale (the virtual step and the
+                hypergradient are unscaled again, so they do not depend on it); the model's and the
+                generator's optimizers are stepped by ``scaler.step`` (so a step whose gradient
+                overflowed is skipped, and with a model-step overflow the meta step too), with
+                ``scaler.unscale_`` before clipping; ``scaler.update()`` runs once at the end. A
+                non-finite *loss* still follows ``nonfinite``. Works when no meta step learns and
+                for a generator that learns by hypergradient with ``engine="jvp"`` or
+                ``"finite_difference"``; other combinations raise a ValueError.
 
         Returns:
             The model step's loss, detached.
@@ -601,6 +611,7 @@ class MetaAuxWrapper(nn.Module):
         y, x_meta, y_meta = self._check_meta_inputs(x, y, x_meta, y_meta, index)
         if max_grad_norm is not None:
             check_number(max_grad_norm, "max_grad_norm", positive=True)
+        scaler = self._check_scaler(scaler)
         self.last_meta_objective = None
         due = self._meta_due()
         if due and self._weighting_optimizer is not None:
@@ -613,11 +624,13 @@ class MetaAuxWrapper(nn.Module):
                 self._apply_meta_update(statistics, update)
             if model_finite:
                 optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
+                torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
                 loss = loss.detach()
                 if self._reducer is not None:
                     self._reducer.average_([loss, *(p.grad for p in self.parameters() if p.grad is not None)])
-                self._optimizer_step(optimizer, max_grad_norm)
+                self._optimizer_step(optimizer, max_grad_norm, scaler)
+                if scaler is not None:
+                    scaler.update()
             return loss.detach()
         self.steps["model"] += 1
         at_theta = None
@@ -626,15 +639,22 @@ class MetaAuxWrapper(nn.Module):
             (primary, aux, features), buffers = _call_on_buffer_copies(self._net, x, with_features=True)
             at_theta = (primary, aux, buffers)
         targets, statistics = self._targets(x, y, index, features)
-        shared = linearised_step(self._problem(x, y, targets, x_meta, y_meta), SHARED_DERIVATIVES[self.engine], at_theta=at_theta)
+        # the scaler's scale as a number (scaler.scale also creates the scale on its first call)
+        loss_scale = None if scaler is None else float(scaler.scale(torch.ones((), device=self._device)))
+        problem = self._problem(x, y, targets, x_meta, y_meta)
+        shared = linearised_step(problem, SHARED_DERIVATIVES[self.engine], at_theta=at_theta, loss_scale=loss_scale)
         self._check_primary(shared.primary, x)
         loss = shared.primary_loss + self.aux_weight * shared.aux_loss
         model_finite = self._finite("model", loss, **{"primary loss": shared.primary_loss, "auxiliary loss": shared.aux_loss})
-        update = self._hypergradient(shared.surrogate, targets)  # raises before anything changed, if it must
+        # a scaled gradient that overflowed moved theta' off to infinity: the scaler skips both steps
+        overflow = scaler is not None and not _all_finite(shared.grads.values())
+        update = None if overflow else self._hypergradient(shared.surrogate, targets, loss_scale)  # raises before anything changed, if it must
         if model_finite:
-            self._apply_model_gradient(optimizer, shared.grads, shared.buffers, max_grad_norm)
+            self._apply_model_gradient(optimizer, shared.grads, shared.buffers, max_grad_norm, scaler)
         if update is not None:
-            self._apply_meta_update(statistics, update)
+            self._apply_meta_update(statistics, update, scaler)
+        if scaler is not None and (model_finite or update is not None):
+            scaler.update()
         return loss
 
     def _step_with_weighting_update(
@@ -658,7 +678,12 @@ class MetaAuxWrapper(nn.Module):
         return loss
 
     def _apply_model_gradient(
-        self, optimizer: torch.optim.Optimizer, grads: Mapping[str, Tensor | None], buffers: Mapping[str, Tensor], max_grad_norm: float | None
+        self,
+        optimizer: torch.optim.Optimizer,
+        grads: Mapping[str, Tensor | None],
+        buffers: Mapping[str, Tensor],
+        max_grad_norm: float | None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         """The model step from gradients computed by hand: commit the forward pass's buffers, set ``.grad``, step."""
         _commit_buffers(self._net, buffers)
@@ -666,13 +691,42 @@ class MetaAuxWrapper(nn.Module):
         for name, p in self._net.named_parameters():
             if p.requires_grad:
                 p.grad = grads[name]
-        self._optimizer_step(optimizer, max_grad_norm)
+        self._optimizer_step(optimizer, max_grad_norm, scaler)
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
-        """``optimizer.step()``, after clipping the gradients' total norm to ``max_grad_norm`` (if given)."""
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None = None) -> None:
+        """``optimizer.step()`` (``scaler.step(optimizer)``), after clipping the gradients' total norm
+        to ``max_grad_norm`` (if given; unscaled first)."""
         if max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+
+    def _check_scaler(self, scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+        """``scaler`` if it is an enabled GradScaler that this wrapper's steps can use; None if none or disabled."""
+        if scaler is None:
+            return None
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        meta_learns = self._generator_optimizer is not None or self._weighting_optimizer is not None
+        first_order = self._learns_by_hypergradient and self.engine in SHARED_DERIVATIVES and self._weighting_optimizer is None
+        if meta_learns and not first_order:
+            if self._weighting_optimizer is not None:
+                what = f"weighting={_strategy_name(self.weighting)!r}"
+            elif not self._learns_by_hypergradient:
+                assert self.generator is not None
+                what = f"generator={_strategy_name(self.generator)!r}"
+            else:
+                what = f"engine={self.engine!r}"
+            raise ValueError(
+                f"scaler= needs a meta step whose gradients are all first order: a generator that learns by hypergradient with "
+                f"engine='jvp' or 'finite_difference', or labels that do not learn; this wrapper has {what}. Loss scaling of the "
+                "second-order engines, of the policy-gradient step and of a meta-learned weighting is not implemented"
+            )
+        return scaler if scaler.is_enabled() else None
 
     def _check_meta_inputs(
         self, x: Tensor, y: Tensor, x_meta: Tensor | None, y_meta: Tensor | None, index: Tensor | None
@@ -747,16 +801,30 @@ class MetaAuxWrapper(nn.Module):
         return self._meta_gradient("meta", meta_primary, list(self.weighting.parameters()), terms)
 
     def _meta_gradient(
-        self, step: str, objective: Tensor, params: Sequence[nn.Parameter], terms: Mapping[str, Tensor], *, reward: Tensor | None = None
+        self,
+        step: str,
+        objective: Tensor,
+        params: Sequence[nn.Parameter],
+        terms: Mapping[str, Tensor],
+        *,
+        reward: Tensor | None = None,
+        loss_scale: float | None = None,
     ) -> _MetaUpdate | None:
-        """The gradient of ``objective`` for ``params``, checked finite; None if skipped as non-finite."""
+        """The gradient of ``objective`` for ``params``, checked finite; None if skipped as non-finite.
+
+        With ``loss_scale`` (a GradScaler's scale) the gradient is that of ``loss_scale * objective``
+        and only the objective is checked: a gradient that overflowed is the scaler's to skip."""
         learnable = [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(objective, learnable, allow_unused=True)
+        grads = torch.autograd.grad(objective if loss_scale is None else objective * loss_scale, learnable, allow_unused=True)
         if self._reducer is not None:  # each rank holds the share of its own samples
             self._reducer.sum_([g for g in grads if g is not None])
-        present = [g for g in grads if g is not None]
-        gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
-        if not self._finite(step, objective + gradient_norm, **terms, **{"hypergradient norm": gradient_norm}):
+        if loss_scale is not None:
+            checked, parts = objective, dict(terms)
+        else:
+            present = [g for g in grads if g is not None]
+            gradient_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present])) if present else objective.new_zeros(())
+            checked, parts = objective + gradient_norm, {**terms, "hypergradient norm": gradient_norm}
+        if not self._finite(step, checked, **parts):
             return None
         return _MetaUpdate(objective.detach(), learnable, grads, None if reward is None else reward.detach())
 
@@ -769,8 +837,9 @@ class MetaAuxWrapper(nn.Module):
             reducer=self._reducer,
         )
 
-    def _hypergradient(self, meta_primary: Tensor, targets: Tensor) -> _MetaUpdate | None:
-        """The generator's gradient of ``meta_primary + entropy_weight * entropy``; None if skipped as non-finite."""
+    def _hypergradient(self, meta_primary: Tensor, targets: Tensor, loss_scale: float | None = None) -> _MetaUpdate | None:
+        """The generator's gradient of ``meta_primary + entropy_weight * entropy`` (times ``loss_scale``,
+        if given); None if skipped as non-finite."""
         assert self.generator is not None
         label_distribution = targets.mean(dim=0)
         if self._reducer is not None:  # the entropy of the labels of every rank's batch together
@@ -778,10 +847,11 @@ class MetaAuxWrapper(nn.Module):
         entropy_term = negative_entropy(label_distribution)
         objective = meta_primary + self.entropy_weight * entropy_term
         terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term}
-        return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms)
+        return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, loss_scale=loss_scale)
 
-    def _apply_meta_update(self, statistics: Mapping[str, Tensor], update: _MetaUpdate) -> None:
-        """Step the generator's optimizer (or a meta-learned weighting's) with ``update``."""
+    def _apply_meta_update(self, statistics: Mapping[str, Tensor], update: _MetaUpdate, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Step the generator's optimizer (or a meta-learned weighting's) with ``update``
+        (``scaler.step``, if given: ``update`` holds scaled gradients)."""
         if self._weighting_optimizer is not None:
             optimizer = self._weighting_optimizer
         else:
@@ -791,7 +861,10 @@ class MetaAuxWrapper(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(update.params, update.grads):
             p.grad = g
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
         if self._weighting_optimizer is not None:
             self.weighting.after_meta_step()
         if update.reward is not None:
@@ -972,6 +1045,12 @@ class MetaAuxWrapper(nn.Module):
         expected = (x.shape[0], self.num_classes)
         if primary.shape != expected:
             raise ValueError(f"the model returned shape {tuple(primary.shape)} but (B, num_classes) = {expected} was expected")
+
+
+def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
+    """Whether every element of every tensor is finite (None entries are skipped)."""
+    present = [t for t in tensors if t is not None]
+    return not present or bool(torch.stack([torch.isfinite(t).all() for t in present]).all())
 
 
 def _detached(scales: Mapping[str, Scale]) -> dict[str, Scale]:

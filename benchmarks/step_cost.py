@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from auxlab import MetaAuxWrapper
+from auxlab.engines import SHARED_DERIVATIVES
 from benchmarks.models import MODELS, build_model
 
 SINGLE = "single-task step"
@@ -127,6 +128,9 @@ class Config:
     generators: tuple[str, ...] = (DEFAULT_GENERATOR,)
     meta_every: int = 1
     methods: tuple[str, ...] = ()
+    #: None, "bf16" or "fp16": every variant runs under ``torch.autocast`` with that dtype; with
+    #: "fp16", the single-task step, the model steps and ``wrapper.step`` use a ``GradScaler``
+    autocast: str | None = None
 
     def variant_names(self) -> list[str]:
         """The variants :func:`measure` reports, in table order."""
@@ -225,10 +229,22 @@ def make_batch(config: Config, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device)
 
 
-def _model_step(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+def _model_step(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
     optimizer.zero_grad(set_to_none=True)
-    wrapper.loss(x, y).backward()
-    optimizer.step()
+    loss = wrapper.loss(x, y)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def _iteration(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """A MAXL iteration in the two-call form: the model step, then ``meta_step``."""
+    _model_step(wrapper, optimizer, x, y, scaler)
+    wrapper.meta_step(x, y)
 
 
 def _clear(*optimizers: torch.optim.Optimizer | None) -> Callable[[], None]:
@@ -252,18 +268,51 @@ def _repeated(step: Callable[[], Any], times: int) -> Callable[[], None]:
     return run
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _scaler(config: Config, device: torch.device) -> torch.amp.GradScaler | None:
+    """A fresh GradScaler for one variant under float16 autocast; None otherwise."""
+    return torch.amp.GradScaler(device.type) if config.autocast == "fp16" else None
+
+
+def _under_autocast(variants: list[Variant], config: Config, device: torch.device) -> list[Variant]:
+    """``variants`` whose steps run under ``torch.autocast`` with ``config.autocast``'s dtype (as they are if None)."""
+    if config.autocast is None:
+        return variants
+    dtype = AUTOCAST_DTYPES[config.autocast]
+
+    def under(step: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast(device.type, dtype=dtype):
+                step()
+
+        return run
+
+    return [Variant(v.name, under(v.step), v.clear, v.calls) for v in variants]
+
+
 def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
     """Every variant gets its own copy of one freshly initialised model, on ``x``'s device."""
+    if config.autocast == "fp16" and any(e not in SHARED_DERIVATIVES for e in config.engines):
+        raise ValueError(f"autocast fp16 runs wrapper.step with a GradScaler, which needs engines among {sorted(SHARED_DERIVATIVES)}; got {config.engines}")
     base = build_model(config.model, num_classes=config.num_classes, seed=config.seed).to(x.device).train()
     variants: list[Variant] = []
 
     plain = copy.deepcopy(base)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=config.lr)
+    plain_scaler = _scaler(config, x.device)
 
     def single_step() -> None:
         plain_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(x), y).backward()
-        plain_opt.step()
+        loss = F.cross_entropy(plain(x), y)
+        if plain_scaler is None:
+            loss.backward()
+            plain_opt.step()
+        else:
+            plain_scaler.scale(loss).backward()
+            plain_scaler.step(plain_opt)
+            plain_scaler.update()
 
     variants.append(Variant(SINGLE, single_step, _clear(plain_opt)))
 
@@ -273,10 +322,11 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
         return wrapper, torch.optim.SGD(wrapper.parameters(), lr=config.lr)
 
     w, opt = wrap(config.engines[0], "single")
-    variants.append(Variant(AUXLAB_SINGLE, functools.partial(_model_step, w, opt, x, y), _clear(opt)))
+    variants.append(Variant(AUXLAB_SINGLE, functools.partial(_model_step, w, opt, x, y, _scaler(config, x.device)), _clear(opt)))
     for g in config.generators:
         w, opt = wrap(config.engines[0], g)
-        variants.append(Variant(model_step_name(g), functools.partial(_model_step, w, opt, x, y), _clear(opt, w.generator_optimizer)))
+        model_step = functools.partial(_model_step, w, opt, x, y, _scaler(config, x.device))
+        variants.append(Variant(model_step_name(g), model_step, _clear(opt, w.generator_optimizer)))
         # with meta_every = k, one timed call runs k batches (one meta step) and counts as k
         k = config.meta_every
         for engine in config.engines:
@@ -285,14 +335,12 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
         for engine in config.engines:
             w, opt = wrap(engine, g)
 
-            def iteration(w: MetaAuxWrapper = w, opt: torch.optim.Optimizer = opt) -> None:
-                _model_step(w, opt, x, y)
-                w.meta_step(x, y)
-
+            iteration = functools.partial(_iteration, w, opt, x, y, _scaler(config, x.device))
             variants.append(Variant(iteration_name(engine, g), _repeated(iteration, k), _clear(opt, w.generator_optimizer), k))
         for engine in config.engines:
             w, opt = wrap(engine, g)
-            variants.append(Variant(step_name(engine, g), _repeated(functools.partial(w.step, x, y, opt), k), _clear(opt, w.generator_optimizer), k))
+            step = functools.partial(w.step, x, y, opt, scaler=_scaler(config, x.device))
+            variants.append(Variant(step_name(engine, g), _repeated(step, k), _clear(opt, w.generator_optimizer), k))
     index = torch.arange(x.shape[0], device=x.device)
     x_dev, y_dev = x.flip(0), y.flip(0)  # a development batch for maoal and rl
     for method in config.methods:
@@ -302,9 +350,9 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
             kwargs["generator_kwargs"] = {"num_samples": x.shape[0]}
         w = MetaAuxWrapper(copy.deepcopy(base), num_classes=config.num_classes, generator=generator, engine=config.engines[0], **kwargs).train()
         opt = torch.optim.SGD(w.parameters(), lr=config.lr)
-        step = functools.partial(w.step, x, y, opt, index=index, x_meta=x_dev, y_meta=y_dev)
+        step = functools.partial(w.step, x, y, opt, index=index, x_meta=x_dev, y_meta=y_dev, scaler=_scaler(config, x.device))
         variants.append(Variant(method_step_name(method), step, _clear(opt, w.generator_optimizer, w.weighting_optimizer)))
-    return variants
+    return _under_autocast(variants, config, x.device)
 
 
 # --------------------------------------------------------------------------------------- memory
@@ -579,7 +627,6 @@ def profile_engine(config: Config, engine: str, *, iterations: int = 3, row_limi
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from auxlab.engines import SHARED_DERIVATIVES
 
     device = torch.device(config.device)
     x, y = make_batch(config, device)
@@ -775,6 +822,12 @@ def _header(title: str, command: str, device: torch.device, config: Config, auxl
         + ("every trainable parameter (as in the paper)" if config.virtual_params is None else ", ".join(config.virtual_params)),
         f"- engines: {', '.join(config.engines)}",
     ]
+    if config.autocast is not None:
+        lines.append(
+            f"- mixed precision: every variant under torch.autocast({device.type!r}, dtype={AUTOCAST_DTYPES[config.autocast]})"
+            + ("; the single-task step, the model steps and wrapper.step with a torch.amp.GradScaler each (meta_step takes none)"
+               if config.autocast == "fp16" else "")
+        )
     if config.methods:
         lines.append(f"- methods (`wrapper.step [...]` rows; engine {config.engines[0]} where one is used): {', '.join(config.methods)}")
     return lines
@@ -890,6 +943,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated strategies as the experiments runner writes them, generator[+weighting], e.g. "
         "random,random+gcs,random+uncertainty,random+maoal,sla,rl: one wrapper.step variant each",
     )
+    parser.add_argument(
+        "--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+        help="run every variant under torch.autocast with bfloat16 or float16 (float16: with a GradScaler where a step takes one)",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--seed", type=int, default=0)
@@ -914,6 +971,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         virtual_params=tuple(p.strip() for p in args.virtual_params.split(",") if p.strip()) if args.virtual_params else None,
         meta_every=args.meta_every,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        autocast=args.autocast,
     )
     command = "python -m benchmarks.step_cost " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.profile:

@@ -121,3 +121,24 @@ def test_meta_every_runs_k_batches_per_timed_call_and_reports_per_batch(monkeypa
     assert calls == [3, 3, 3]  # three batches of a wrapper built with meta_every=3
     report = step_cost.results_markdown(step_cost.measure(config), "python -m benchmarks.step_cost --meta-every 3")
     assert "meta_every=3: a meta step every 3 batches" in report
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_autocast_runs_every_variant_under_autocast_and_fp16_steps_with_a_scaler(autocast: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from auxlab import MetaAuxWrapper
+
+    seen: list[tuple[bool, object]] = []
+    original = MetaAuxWrapper.step
+    monkeypatch.setattr(
+        MetaAuxWrapper, "step", lambda self, *a, **k: seen.append((torch.is_autocast_enabled("cpu"), k.get("scaler"))) or original(self, *a, **k)
+    )
+    config = step_cost.Config(**TINY, repeats=1, warmup=0, engines=("jvp",), memory=False, autocast=autocast)
+    result = step_cost.measure(config)
+    assert all(math.isfinite(row.ratio) for row in result.rows)
+    assert seen and all(enabled for enabled, _ in seen)
+    assert all((scaler is not None) == (autocast == "fp16") for _, scaler in seen)
+    report = step_cost.results_markdown(result, f"python -m benchmarks.step_cost --autocast {autocast}")
+    assert "mixed precision: every variant under torch.autocast('cpu', dtype=torch." in report
+    if autocast == "fp16":
+        with pytest.raises(ValueError, match="needs engines among"):
+            step_cost.build_variants(step_cost.Config(**TINY, engines=("functional",), autocast="fp16"), *step_cost.make_batch(config, torch.device("cpu")))

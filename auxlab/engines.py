@@ -241,7 +241,9 @@ def linearised_step(
         assert aux_at is not None
         return soft_target_coefficients(aux_at, focal_gamma=problem.focal_gamma)
 
-    with torch.no_grad():
+    # in float32 even under autocast: a difference quotient in half precision is noise (off by more
+    # than 100% under bfloat16), and float32 tangents are more precise (docs/performance.md)
+    with torch.no_grad(), torch.autocast(problem.x.device.type, enabled=False):
         target_gradient = -problem.inner_lr * problem.aux_weight * share / scale * derivative(coefficients, params, u)
     return SharedStep(
         primary=primary.detach(),

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import TinyMLP, batch
+from torch.amp import GradScaler
 
 from auxlab import MetaAuxWrapper
 
@@ -48,10 +49,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "maxl_finite_difference": {"engine": "finite_difference"},
     "random": {"engine": "jvp", "generator": "random", "generator_kwargs": {"num_samples": FULL}},
     "single": {"engine": "jvp", "generator": "single"},
+    # with a GradScaler (no overflow at this scale): the same as without one
+    "maxl_jvp_scaler": {"engine": "jvp", "scaler": 2.0**12},
 }
 
 
-def _train(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, shard: slice, *, meta_only: bool = False) -> list[float]:
+def _scaler(kwargs: dict[str, Any]) -> GradScaler | None:
+    """The scenario's GradScaler (removed from ``kwargs``), or None."""
+    scale = kwargs.pop("scaler", None)
+    return None if scale is None else GradScaler("cpu", init_scale=scale, growth_interval=1000)
+
+
+def _train(
+    wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, shard: slice, *, meta_only: bool = False, scaler: GradScaler | None = None
+) -> list[float]:
     losses = []
     for x, y, index in _batches(shard):
         if meta_only:
@@ -59,7 +70,7 @@ def _train(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, shard: sli
             assert objective is not None
             losses.append(float(objective))
         else:
-            losses.append(float(wrapper.step(x, y, optimizer, index=index)))
+            losses.append(float(wrapper.step(x, y, optimizer, index=index, scaler=scaler)))
     return losses
 
 
@@ -69,10 +80,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     shard = slice(rank * FULL // WORLD, (rank + 1) * FULL // WORLD)
     results: dict[str, Any] = {}
     try:
-        for name, kwargs in SCENARIOS.items():
+        for name, scenario in SCENARIOS.items():
+            kwargs = dict(scenario)
+            scaler = _scaler(kwargs)
             # each rank builds from its own seed: the wrapper must start every rank from rank 0's state
             wrapper, optimizer = _build(seed=rank, distributed=True, **kwargs)
-            losses = _train(wrapper, optimizer, shard)
+            losses = _train(wrapper, optimizer, shard, scaler=scaler)
             results[name] = {"state": wrapper.state_dict(), "losses": losses, "steps": dict(wrapper.steps)}
         wrapper, optimizer = _build(seed=rank, distributed=True, engine="jvp")
         results["meta_step_only"] = {"state": wrapper.state_dict(), "losses": _train(wrapper, optimizer, shard, meta_only=True)}
@@ -117,8 +130,8 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks: list[dict[
     assert ranks[0][scenario]["losses"] == ranks[1][scenario]["losses"]
 
     kwargs = dict(SCENARIOS[scenario])
-    if kwargs["engine"] == "jvp" and kwargs.get("generator", "maxl") == "maxl":
-        kwargs["engine"] = "functional"  # the reference: exact second order, one process
+    if _scaler(kwargs) is None and kwargs["engine"] == "jvp" and kwargs.get("generator", "maxl") == "maxl":
+        kwargs["engine"] = "functional"  # the reference: exact second order, one process (with a scaler: jvp without one)
     wrapper, optimizer = _build(seed=0, **kwargs)
     losses = _train(wrapper, optimizer, slice(0, FULL))
     expected = _tensors(wrapper.state_dict())

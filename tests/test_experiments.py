@@ -37,7 +37,7 @@ from auxlab.experiments.config import build_parser
 from auxlab.experiments.report import _verdict, summarise
 from auxlab.experiments.run import _progress_bar, build_wrapper, generator_kwargs, run_data
 from auxlab.experiments.strategies import Strategy
-from auxlab.generators import GENERATORS
+from auxlab.generators import GENERATORS, PolicyLabels
 from auxlab.generators.sla import SLALabels
 from auxlab.hierarchy import HierarchyMask
 
@@ -299,6 +299,26 @@ def test_collapse_diagnostic_definition() -> None:
     assert stats["subclasses_used"] == list(mask.psi)
     for c, entropy in enumerate(stats["subclass_entropy"]):
         assert entropy == pytest.approx(math.log(mask.psi[c]), abs=0.05)
+
+
+def test_collapse_diagnostic_of_a_policy_reads_its_probabilities_and_draws_nothing() -> None:
+    data = ImageDataset(torch.rand(60, 1, 8, 8), torch.arange(60) // 6, tuple("abcdefghij"))
+    probe = torch.arange(60)
+    wrapper = MetaAuxWrapper(SmallCNN(width=4), num_classes=10, psi=3, generator="rl", seed=0)
+    assert isinstance(wrapper.generator, PolicyLabels)
+    wrapper.aux_targets(data.images[:4], data.labels[:4])  # one draw: the policy's random stream exists
+    rng_before = wrapper.generator.get_extra_state()["rng"]
+    # one batch of 60, so that the features below see the same BatchNorm batch statistics
+    stats, _ = collapse_diagnostic(wrapper, data, probe, batch_size=60, device=torch.device("cpu"))
+    assert torch.equal(wrapper.generator.get_extra_state()["rng"][1], rng_before[1])
+    x, y = data.images, data.labels
+    with torch.no_grad():
+        probs = wrapper.generator.policy(wrapper.generator.features(x), y)[0].double()
+    for c in range(10):
+        block = probs[y == c][:, 3 * c : 3 * c + 3]
+        assert stats["target_confidence"][c] == pytest.approx(float(block.max(1).values.mean()), abs=1e-9)
+        assert stats["subclass_soft_share"][c] == pytest.approx(block.mean(0).tolist(), abs=1e-9)
+    assert max(stats["target_confidence"]) < 0.9  # an untrained policy is far from one-hot draws
 
 
 # ------------------------------------------------------------------------------ summary statistics

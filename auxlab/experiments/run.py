@@ -36,6 +36,7 @@ from auxlab.experiments.config import ConfigError, ExperimentConfig, load_config
 from auxlab.experiments.models import build_model, import_object
 from auxlab.experiments.strategies import DEFAULT_WEIGHTING, Strategy
 from auxlab.experiments.tasks import RunSplit, TaskData, load_task, resolve_psi, run_split, subset_indices
+from auxlab.generators import PolicyLabels
 from auxlab.wrapper import MetaAuxWrapper
 
 __all__ = [
@@ -760,6 +761,16 @@ def evaluate(
 
 
 @torch.no_grad()
+def _label_distribution(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+    """``(B, K)``: the distribution each sample's auxiliary label comes from, without gradient: the
+    targets, or a policy's probabilities (its targets are draws; drawing none leaves its random stream)."""
+    generator = wrapper.generator
+    if isinstance(generator, PolicyLabels):
+        with torch.no_grad():
+            return generator.policy(generator.features(x), y)[0]
+    return wrapper.aux_targets(x, y, index=index)
+
+
 def collapse_diagnostic(
     wrapper: MetaAuxWrapper, dataset: ImageDataset, indices: Tensor, *, batch_size: int, device: torch.device
 ) -> tuple[dict[str, Any], Tensor]:
@@ -767,7 +778,9 @@ def collapse_diagnostic(
 
     Every probe sample (``indices`` into ``dataset``, the training split) gets its auxiliary target,
     ``wrapper.aux_targets(x, y, index=...)``, run in the generator's current mode without updating
-    its statistics. For primary class ``c`` with ``n_c`` probe samples:
+    its statistics. For a policy that draws its labels (``"rl"``) it gets the policy's probabilities
+    instead (its targets are one draw from them), and no random number is drawn. For primary class
+    ``c`` with ``n_c`` probe samples:
 
     - ``share[c][j]``: the fraction of the ``n_c`` samples whose argmax is sub-class ``j`` of block ``c``;
     - ``used[c]``: the number of sub-classes with ``share > 1 / (2 psi[c])``, i.e. more than half of
@@ -789,7 +802,7 @@ def collapse_diagnostic(
     for start in range(0, indices.shape[0], batch_size):
         index = indices[start : start + batch_size]
         x, y = dataset.images[index].to(device), dataset.labels[index].to(device)
-        pieces.append(wrapper.aux_targets(x, y, index=index.to(device)).double().cpu())
+        pieces.append(_label_distribution(wrapper, x, y, index.to(device)).double().cpu())
     targets = torch.cat(pieces)
     columns = targets.argmax(1)
     labels = dataset.labels[indices]

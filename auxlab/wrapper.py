@@ -444,8 +444,9 @@ class MetaAuxWrapper(nn.Module):
             )
         return self._model_loss(x, y, index)[0]
 
-    def _model_loss(self, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, bool]:
-        """:meth:`loss` after its input checks, and whether the loss was finite."""
+    def _model_loss(self, x: Tensor, y: Tensor, index: Tensor | None, loss_scale: float | None = None) -> tuple[Tensor, bool]:
+        """:meth:`loss` after its input checks, and whether the loss was finite. ``loss_scale``: a
+        GradScaler's scale, for the two gradients of a gradient-level weighting."""
         self.steps["model"] += 1
         generator = self.generator
         if generator is None:
@@ -473,14 +474,21 @@ class MetaAuxWrapper(nn.Module):
         if not self._finite("model", loss, **terms):
             return self._zero_loss(), False
         if self.weighting.needs_gradients:
-            loss = self._weighted_gradient_loss(loss, primary_loss, aux_loss)
+            loss = self._weighted_gradient_loss(loss, primary_loss, aux_loss, loss_scale)
         _commit_buffers(self._net, statistics)  # the model's BatchNorm statistics move once, on a finite batch
         return loss, True
 
-    def _weighted_gradient_loss(self, loss: Tensor, primary_loss: Tensor, aux_loss: Tensor) -> Tensor:
-        """``loss`` whose gradient is ``g_pri + aux_weight * scale * g_aux``, scaled per parameter by the weighting."""
+    def _weighted_gradient_loss(self, loss: Tensor, primary_loss: Tensor, aux_loss: Tensor, loss_scale: float | None = None) -> Tensor:
+        """``loss`` whose gradient is ``g_pri + aux_weight * scale * g_aux``, scaled per parameter by the weighting.
+
+        With ``loss_scale`` the two gradients are those of the losses times ``loss_scale`` (so that
+        half-precision gradients do not underflow), divided by it again."""
         params = {name: p for name, p in self._net.named_parameters() if p.requires_grad}
-        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, params)
+        if loss_scale is None:
+            g_pri, g_aux = separate_gradients(primary_loss, aux_loss, params)
+        else:
+            scaled = separate_gradients(primary_loss * loss_scale, aux_loss * loss_scale, params)
+            g_pri, g_aux = ({name: None if g is None else g / loss_scale for name, g in grads.items()} for grads in scaled)
         with torch.no_grad():
             scales = _detached(self.weighting.gradient_scales(g_pri, g_aux))
             grads = _combined_gradients(g_pri, g_aux, self.aux_weight, scales, params)
@@ -619,7 +627,7 @@ class MetaAuxWrapper(nn.Module):
         if not due or self.engine not in SHARED_DERIVATIVES or not self._learns_by_hypergradient:
             # the meta update is computed first, so that a non-finite one raises before the model's statistics move
             statistics, update = self._meta_update(x, y, x_meta, y_meta, index) if due else ({}, None)
-            loss, model_finite = self._model_loss(x, y, index)
+            loss, model_finite = self._model_loss(x, y, index, self._loss_scale(scaler) if self.weighting.needs_gradients else None)
             if update is not None:
                 self._apply_meta_update(statistics, update)
             if model_finite:
@@ -639,8 +647,7 @@ class MetaAuxWrapper(nn.Module):
             (primary, aux, features), buffers = _call_on_buffer_copies(self._net, x, with_features=True)
             at_theta = (primary, aux, buffers)
         targets, statistics = self._targets(x, y, index, features)
-        # the scaler's scale as a number (scaler.scale also creates the scale on its first call)
-        loss_scale = None if scaler is None else float(scaler.scale(torch.ones((), device=self._device)))
+        loss_scale = self._loss_scale(scaler)
         problem = self._problem(x, y, targets, x_meta, y_meta)
         shared = linearised_step(problem, SHARED_DERIVATIVES[self.engine], at_theta=at_theta, loss_scale=loss_scale)
         self._check_primary(shared.primary, x)
@@ -704,6 +711,10 @@ class MetaAuxWrapper(nn.Module):
             optimizer.step()
         else:
             scaler.step(optimizer)
+
+    def _loss_scale(self, scaler: torch.amp.GradScaler | None) -> float | None:
+        """The scaler's scale as a number (``scaler.scale`` also creates it on its first call); None without a scaler."""
+        return None if scaler is None else float(scaler.scale(torch.ones((), device=self._device)))
 
     def _check_scaler(self, scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
         """``scaler`` if it is an enabled GradScaler that this wrapper's steps can use; None if none or disabled."""

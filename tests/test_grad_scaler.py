@@ -162,3 +162,23 @@ def test_a_scaler_with_a_second_order_or_other_meta_step_is_refused_before_anyth
     assert wrapper.steps == {"model": 0, "meta": 0}
     with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler, got float"):
         wrapper.step(x, y, optimizer, index=torch.arange(9), scaler=2.0**12)  # type: ignore[arg-type]
+
+
+def test_a_gradient_level_weighting_compares_gradients_of_the_scaled_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import auxlab.wrapper
+
+    seen: list[tuple[float, float]] = []
+    original = auxlab.wrapper.separate_gradients
+
+    def recording(primary_loss: torch.Tensor, aux_loss: torch.Tensor, params: Any) -> Any:
+        seen.append((float(primary_loss.detach()), float(aux_loss.detach())))
+        return original(primary_loss, aux_loss, params)
+
+    monkeypatch.setattr(auxlab.wrapper, "separate_gradients", recording)
+    x, y = batch(9, dtype=torch.float64)
+    for scaler in (None, _scaler(2.0**10)):
+        wrapper, optimizer = _wrapper(generator="random", generator_kwargs={"num_samples": 9}, weighting="gcs")
+        wrapper.step(x, y, optimizer, index=torch.arange(9), scaler=scaler)
+    (plain_primary, plain_aux), (scaled_primary, scaled_aux) = seen
+    assert scaled_primary == pytest.approx(plain_primary * 2.0**10, rel=1e-12)
+    assert scaled_aux == pytest.approx(plain_aux * 2.0**10, rel=1e-12)

@@ -229,9 +229,8 @@ def make_batch(config: Config, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device)
 
 
-def _model_step(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss = wrapper.loss(x, y)
+def _update(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """``loss.backward(); optimizer.step()``, through ``scaler`` if given (``.grad`` was cleared before the forward)."""
     if scaler is None:
         loss.backward()
         optimizer.step()
@@ -239,6 +238,11 @@ def _model_step(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Te
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+
+
+def _model_step(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    _update(wrapper.loss(x, y), optimizer, scaler)
 
 
 def _iteration(wrapper: MetaAuxWrapper, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -305,14 +309,7 @@ def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
 
     def single_step() -> None:
         plain_opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(plain(x), y)
-        if plain_scaler is None:
-            loss.backward()
-            plain_opt.step()
-        else:
-            plain_scaler.scale(loss).backward()
-            plain_scaler.step(plain_opt)
-            plain_scaler.update()
+        _update(F.cross_entropy(plain(x), y), plain_opt, plain_scaler)
 
     variants.append(Variant(SINGLE, single_step, _clear(plain_opt)))
 

@@ -7,7 +7,9 @@ over all parameters. This times, interleaved, with the minimum over repeats:
 - ``forward+backward``: the forward and backward pass of one training step (the unit);
 - ``torch.func.jvp``: functorch's forward mode;
 - ``forward_ad``: ``torch.autograd.forward_ad`` dual tensors (what ``auxlab.engines.forward_mode`` uses);
-- ``reverse-over-reverse``: the double-backward trick (two reverse passes, the second through the first).
+- ``reverse-over-reverse``: the double-backward trick (two reverse passes, the second through the first);
+- with ``--compile``, ``torch.compile(torch.func.jvp)``: the same product through TorchInductor
+  (compiled once, before the timing; the compile time is printed).
 
     python benchmarks/jvp_variants.py --width 16 --batch-size 64 --repeats 15
 """
@@ -27,7 +29,7 @@ from torch.func import functional_call
 from auxlab.experiments.models import SmallCNN
 
 
-def variants(width: int, batch_size: int) -> dict[str, Callable[[], object]]:
+def variants(width: int, batch_size: int, *, compiled: bool = False) -> dict[str, Callable[[], object]]:
     """The timed callables, on one seeded SmallCNN and batch of 28x28 images."""
     torch.manual_seed(0)
     model = SmallCNN(10, 1, width=width)
@@ -63,13 +65,25 @@ def variants(width: int, batch_size: int) -> dict[str, Callable[[], object]]:
         g = torch.autograd.grad((out * v).sum(), list(p.values()), create_graph=True)
         return torch.autograd.grad(sum((gi * direction[k]).sum() for gi, k in zip(g, p)), v)
 
-    return {
+    timed: dict[str, Callable[[], object]] = {
         "forward": forward,
         "forward+backward": forward_backward,
         "torch.func.jvp": func_jvp,
         "forward_ad": dual_tensors,
         "reverse-over-reverse": reverse_over_reverse,
     }
+    if compiled:
+        product = torch.compile(lambda p, d: torch.func.jvp(f, (p,), (d,))[1])
+
+        def compiled_jvp() -> object:
+            with torch.no_grad():
+                return product(params, direction)
+
+        start = time.perf_counter()
+        error = (compiled_jvp() - func_jvp()).abs().max()  # type: ignore[operator]
+        print(f"torch.compile: compiled in {time.perf_counter() - start:.1f} s; largest difference from torch.func.jvp {float(error):.2g}")
+        timed["torch.compile(torch.func.jvp)"] = compiled_jvp
+    return timed
 
 
 def main() -> None:
@@ -78,9 +92,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(torch.func.jvp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fns = variants(args.width, args.batch_size)
+    fns = variants(args.width, args.batch_size, compiled=args.compile)
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}

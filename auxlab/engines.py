@@ -35,7 +35,7 @@ from auxlab.multitask import MultiTaskNet
 
 __all__ = [
     "ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "GradientsAtTheta", "MetaProblem", "SharedStep", "get_engine", "gradient_at_theta", "gradients_at_theta",
-    "linearised_step", "meta_loss_after", "separate_gradients", "virtual_step",
+    "linearised_step", "meta_loss_after", "scaled_grad", "separate_gradients", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -98,6 +98,19 @@ class MetaProblem:
 
 
 Engine = Callable[[MetaProblem], Tensor]
+
+
+def scaled_grad(loss: Tensor, inputs: Sequence[Tensor], loss_scale: float | None = None, *, retain_graph: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(loss, inputs)`` (None for an input the loss does not reach).
+
+    With ``loss_scale`` (a ``GradScaler``'s scale, a power of two) the backward pass runs on
+    ``loss * loss_scale``, so that half-precision gradients do not underflow, and the result is
+    divided by it again: the same gradient, exactly, unless it overflowed (then it is not finite).
+    """
+    if loss_scale is None:
+        return torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+    grads = torch.autograd.grad(loss * loss_scale, inputs, retain_graph=retain_graph, allow_unused=True)
+    return tuple(None if g is None else g / loss_scale for g in grads)
 
 
 def virtual_step(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], inner_lr: float) -> dict[str, Tensor]:
@@ -170,8 +183,7 @@ class SharedStep:
         primary: ``(B, C)`` primary logits at theta, detached.
         primary_loss, aux_loss: the model step's loss terms at theta (targets detached).
         grads: gradient of ``primary_loss + aux_weight * aux_loss`` for every trainable parameter
-            of the network, by name (None where a parameter is unused): the model step's gradient,
-            multiplied by ``loss_scale`` if one was given.
+            of the network, by name (None where a parameter is unused): the model step's gradient.
         buffers: the network's buffers after the forward pass at theta (BatchNorm statistics), for
             the caller to commit.
         surrogate: as an engine's result: value ``L_pri(theta')``, gradient with respect to the
@@ -200,11 +212,9 @@ def linearised_step(
     along ``u``. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
     (``(primary, aux, buffers)``, with the graph to the parameters and the updated buffer copies).
 
-    ``loss_scale``: a number ``S`` (a ``GradScaler``'s scale, a power of two) by which both
-    losses are multiplied before their backward passes, and the direction ``u`` before the
-    directional derivative, so that half-precision gradients and tangents do not underflow. The
-    virtual step and the hypergradient are divided by ``S`` again, so they do not depend on it;
-    the returned model-step gradient stays multiplied by ``S``, for the scaler to unscale.
+    ``loss_scale``: a ``GradScaler``'s scale, by which both backward passes run on scaled losses
+    (:func:`scaled_grad`); nothing returned depends on it. The directional derivative runs in
+    float32 (outside autocast), where ``u`` does not underflow.
     """
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
     virtual = problem.parameters()
@@ -215,8 +225,7 @@ def linearised_step(
         else:
             primary, aux, step_buffers = at_theta
         primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
-        scale = 1.0 if loss_scale is None else loss_scale
-        gradients = torch.autograd.grad((primary_loss + problem.aux_weight * aux_loss) * scale, list(every.values()), allow_unused=True)
+        gradients = scaled_grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), loss_scale)
         primary_loss, aux_loss = primary_loss.detach(), aux_loss.detach()
         if problem.reducer is not None:  # the gradient of the mean loss over every rank's batch
             problem.reducer.average_([primary_loss, aux_loss, *(g for g in gradients if g is not None)])
@@ -224,11 +233,11 @@ def linearised_step(
         params = {name: p.detach() for name, p in virtual.items()}
         moved = {
             name: p.requires_grad_()
-            for name, p in virtual_step(params, [grads[name] for name in params], problem.inner_lr / scale).items()
+            for name, p in virtual_step(params, [grads[name] for name in params], problem.inner_lr).items()
         }
         primary_meta, _ = functional_call(problem.net, (moved, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
         meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
-        u_list = torch.autograd.grad(meta_loss * scale, list(moved.values()), allow_unused=True)
+        u_list = scaled_grad(meta_loss, list(moved.values()), loss_scale)
     u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
     meta_loss = meta_loss.detach()
     share = 1.0
@@ -244,7 +253,7 @@ def linearised_step(
     # in float32 even under autocast: a difference quotient in half precision is noise (off by more
     # than 100% under bfloat16), and float32 tangents are more precise (docs/performance.md)
     with torch.no_grad(), torch.autocast(problem.x.device.type, enabled=False):
-        target_gradient = -problem.inner_lr * problem.aux_weight * share / scale * derivative(coefficients, params, u)
+        target_gradient = -problem.inner_lr * problem.aux_weight * share * derivative(coefficients, params, u)
     return SharedStep(
         primary=primary.detach(),
         primary_loss=primary_loss,
@@ -304,30 +313,33 @@ def _losses_at_theta(problem: MetaProblem) -> tuple[Tensor, Tensor, Tensor, dict
     return primary, primary_loss, aux_loss, every, buffers
 
 
-def gradients_at_theta(problem: MetaProblem) -> GradientsAtTheta:
-    """The gradients of ``L_pri`` and of ``L_aux`` on ``(x, y)`` at theta, apart (two backward passes)."""
+def gradients_at_theta(problem: MetaProblem, loss_scale: float | None = None) -> GradientsAtTheta:
+    """The gradients of ``L_pri`` and of ``L_aux`` on ``(x, y)`` at theta, apart (two backward passes,
+    on scaled losses with ``loss_scale``: :func:`scaled_grad`)."""
     with torch.enable_grad():
         primary, primary_loss, aux_loss, every, buffers = _losses_at_theta(problem)
-        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, every)
+        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, every, loss_scale)
     return GradientsAtTheta(primary.detach(), primary_loss.detach(), aux_loss.detach(), g_pri, g_aux, buffers)
 
 
 def separate_gradients(
-    primary_loss: Tensor, aux_loss: Tensor, params: Mapping[str, Tensor]
+    primary_loss: Tensor, aux_loss: Tensor, params: Mapping[str, Tensor], loss_scale: float | None = None
 ) -> tuple[dict[str, Tensor | None], dict[str, Tensor | None]]:
     """``(grad L_pri, grad L_aux)`` for ``params`` by name, apart: two backward passes through one graph
-    (None where a loss does not reach a parameter). The graph is freed afterwards."""
+    (None where a loss does not reach a parameter; on scaled losses with ``loss_scale``:
+    :func:`scaled_grad`). The graph is freed afterwards."""
     values = list(params.values())
-    g_pri = torch.autograd.grad(primary_loss, values, retain_graph=True, allow_unused=True)
-    g_aux = torch.autograd.grad(aux_loss, values, allow_unused=True)
+    g_pri = scaled_grad(primary_loss, values, loss_scale, retain_graph=True)
+    g_aux = scaled_grad(aux_loss, values, loss_scale)
     return dict(zip(params, g_pri)), dict(zip(params, g_aux))
 
 
-def gradient_at_theta(problem: MetaProblem) -> dict[str, Tensor | None]:
-    """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at theta by parameter name, in one backward pass."""
+def gradient_at_theta(problem: MetaProblem, loss_scale: float | None = None) -> dict[str, Tensor | None]:
+    """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at theta by parameter name, in one backward
+    pass (on the scaled loss with ``loss_scale``: :func:`scaled_grad`)."""
     with torch.enable_grad():
         _, primary_loss, aux_loss, every, _ = _losses_at_theta(problem)
-        grads = torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), allow_unused=True)
+        grads = scaled_grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), loss_scale)
     return dict(zip(every, grads))
 
 

@@ -23,6 +23,7 @@ from auxlab.engines import (
     gradients_at_theta,
     linearised_step,
     meta_loss_after,
+    scaled_grad,
     separate_gradients,
 )
 from auxlab.generators import GENERATORS, AuxLabelGenerator
@@ -481,14 +482,9 @@ class MetaAuxWrapper(nn.Module):
     def _weighted_gradient_loss(self, loss: Tensor, primary_loss: Tensor, aux_loss: Tensor, loss_scale: float | None = None) -> Tensor:
         """``loss`` whose gradient is ``g_pri + aux_weight * scale * g_aux``, scaled per parameter by the weighting.
 
-        With ``loss_scale`` the two gradients are those of the losses times ``loss_scale`` (so that
-        half-precision gradients do not underflow), divided by it again."""
+        With ``loss_scale`` the two backward passes run on scaled losses (:func:`~auxlab.engines.scaled_grad`)."""
         params = {name: p for name, p in self._net.named_parameters() if p.requires_grad}
-        if loss_scale is None:
-            g_pri, g_aux = separate_gradients(primary_loss, aux_loss, params)
-        else:
-            scaled = separate_gradients(primary_loss * loss_scale, aux_loss * loss_scale, params)
-            g_pri, g_aux = ({name: None if g is None else g / loss_scale for name, g in grads.items()} for grads in scaled)
+        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, params, loss_scale)
         with torch.no_grad():
             scales = _detached(self.weighting.gradient_scales(g_pri, g_aux))
             grads = _combined_gradients(g_pri, g_aux, self.aux_weight, scales, params)
@@ -601,14 +597,13 @@ class MetaAuxWrapper(nn.Module):
                 gradients were averaged over the ranks) before ``optimizer.step()``; None: no
                 clipping. The virtual step of the meta step is not clipped.
             scaler: a ``torch.amp.GradScaler``, for float16 autocast: every backward pass of the
-                step runs on its loss times the scaler's scale (the virtual step and the
-                hypergradient are unscaled again, so they do not depend on it); the model's and the
-                generator's optimizers are stepped by ``scaler.step`` (so a step whose gradient
-                overflowed is skipped, and with a model-step overflow the meta step too), with
-                ``scaler.unscale_`` before clipping; ``scaler.update()`` runs once at the end. A
-                non-finite *loss* still follows ``nonfinite``. Works when no meta step learns and
-                for a generator that learns by hypergradient with ``engine="jvp"`` or
-                ``"finite_difference"``; other combinations raise a ValueError.
+                step runs on its loss times the scaler's scale, and the gradient is unscaled again
+                (:func:`~auxlab.engines.scaled_grad`); the model's and the meta step's optimizers
+                are stepped by ``scaler.step`` (so a step whose gradient overflowed is skipped, and
+                with an overflow at theta the meta step too), with ``scaler.unscale_`` before
+                clipping; ``scaler.update()`` runs once at the end. A non-finite *loss* still
+                follows ``nonfinite``. A generator that learns by hypergradient needs
+                ``engine="jvp"`` or ``"finite_difference"`` with a scaler (a ValueError otherwise).
 
         Returns:
             The model step's loss, detached.
@@ -623,13 +618,14 @@ class MetaAuxWrapper(nn.Module):
         self.last_meta_objective = None
         due = self._meta_due()
         if due and self._weighting_optimizer is not None:
-            return self._step_with_weighting_update(x, y, optimizer, x_meta, y_meta, index, max_grad_norm)
+            return self._step_with_weighting_update(x, y, optimizer, x_meta, y_meta, index, max_grad_norm, scaler)
         if not due or self.engine not in SHARED_DERIVATIVES or not self._learns_by_hypergradient:
             # the meta update is computed first, so that a non-finite one raises before the model's statistics move
-            statistics, update = self._meta_update(x, y, x_meta, y_meta, index) if due else ({}, None)
-            loss, model_finite = self._model_loss(x, y, index, self._loss_scale(scaler) if self.weighting.needs_gradients else None)
+            loss_scale = self._loss_scale(scaler)
+            statistics, update = self._meta_update(x, y, x_meta, y_meta, index, loss_scale) if due else ({}, None)
+            loss, model_finite = self._model_loss(x, y, index, loss_scale)
             if update is not None:
-                self._apply_meta_update(statistics, update)
+                self._apply_meta_update(statistics, update, scaler)
             if model_finite:
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
@@ -637,8 +633,8 @@ class MetaAuxWrapper(nn.Module):
                 if self._reducer is not None:
                     self._reducer.average_([loss, *(p.grad for p in self.parameters() if p.grad is not None)])
                 self._optimizer_step(optimizer, max_grad_norm, scaler)
-                if scaler is not None:
-                    scaler.update()
+            if scaler is not None and (model_finite or update is not None):
+                scaler.update()
             return loss.detach()
         self.steps["model"] += 1
         at_theta = None
@@ -653,8 +649,8 @@ class MetaAuxWrapper(nn.Module):
         self._check_primary(shared.primary, x)
         loss = shared.primary_loss + self.aux_weight * shared.aux_loss
         model_finite = self._finite("model", loss, **{"primary loss": shared.primary_loss, "auxiliary loss": shared.aux_loss})
-        # a scaled gradient that overflowed moved theta' off to infinity: the scaler skips both steps
-        overflow = scaler is not None and not _all_finite(shared.grads.values())
+        # a gradient that overflowed moved theta' off to infinity: the scaler skips both steps
+        overflow = loss_scale is not None and not _all_finite(shared.grads.values())
         update = None if overflow else self._hypergradient(shared.surrogate, targets, loss_scale)  # raises before anything changed, if it must
         if model_finite:
             self._apply_model_gradient(optimizer, shared.grads, shared.buffers, max_grad_norm, scaler)
@@ -666,22 +662,27 @@ class MetaAuxWrapper(nn.Module):
 
     def _step_with_weighting_update(
         self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, x_meta: Tensor, y_meta: Tensor, index: Tensor | None,
-        max_grad_norm: float | None,
+        max_grad_norm: float | None, scaler: torch.amp.GradScaler | None,
     ) -> Tensor:
         """:meth:`step` with a meta-learned weighting: one forward pass and the two gradients at theta
         serve the model step (with the weights before their update) and the weights' hypergradient."""
         self.steps["model"] += 1
-        problem, at_theta = self._weighting_problem(x, y, x_meta, y_meta, index)
+        loss_scale = self._loss_scale(scaler)
+        problem, at_theta = self._weighting_problem(x, y, x_meta, y_meta, index, loss_scale)
         self._check_primary(at_theta.primary, x)
         loss = at_theta.primary_loss + self.aux_weight * at_theta.aux_loss
         model_finite = self._finite("model", loss, **{"primary loss": at_theta.primary_loss, "auxiliary loss": at_theta.aux_loss})
         scales = self.weighting.gradient_scales(at_theta.primary_grads, at_theta.aux_grads)
-        update = self._weighting_hypergradient(problem, at_theta, scales)  # raises before anything changed, if it must
+        # a gradient that overflowed moved theta' off to infinity: the scaler skips both steps
+        overflow = loss_scale is not None and not _all_finite([*at_theta.primary_grads.values(), *at_theta.aux_grads.values()])
+        update = None if overflow else self._weighting_hypergradient(problem, at_theta, scales, loss_scale)  # raises before anything changed
         if model_finite:
             grads = _combined_gradients(at_theta.primary_grads, at_theta.aux_grads, self.aux_weight, _detached(scales), at_theta.primary_grads)
-            self._apply_model_gradient(optimizer, grads, at_theta.buffers, max_grad_norm)
+            self._apply_model_gradient(optimizer, grads, at_theta.buffers, max_grad_norm, scaler)
         if update is not None:
-            self._apply_meta_update({}, update)
+            self._apply_meta_update({}, update, scaler)
+        if scaler is not None and (model_finite or update is not None):
+            scaler.update()
         return loss
 
     def _apply_model_gradient(
@@ -692,12 +693,14 @@ class MetaAuxWrapper(nn.Module):
         max_grad_norm: float | None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        """The model step from gradients computed by hand: commit the forward pass's buffers, set ``.grad``, step."""
+        """The model step from gradients computed by hand: commit the forward pass's buffers, set ``.grad``
+        (scaled for ``scaler``), step."""
         _commit_buffers(self._net, buffers)
         optimizer.zero_grad(set_to_none=True)
+        loss_scale = self._loss_scale(scaler)
         for name, p in self._net.named_parameters():
             if p.requires_grad:
-                p.grad = grads[name]
+                p.grad = _as_scaled_grad(grads[name], loss_scale)
         self._optimizer_step(optimizer, max_grad_norm, scaler)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -722,20 +725,10 @@ class MetaAuxWrapper(nn.Module):
             return None
         if not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        meta_learns = self._generator_optimizer is not None or self._weighting_optimizer is not None
-        first_order = self._learns_by_hypergradient and self.engine in SHARED_DERIVATIVES and self._weighting_optimizer is None
-        if meta_learns and not first_order:
-            if self._weighting_optimizer is not None:
-                what = f"weighting={_strategy_name(self.weighting)!r}"
-            elif not self._learns_by_hypergradient:
-                assert self.generator is not None
-                what = f"generator={_strategy_name(self.generator)!r}"
-            else:
-                what = f"engine={self.engine!r}"
+        if self._learns_by_hypergradient and self.engine not in SHARED_DERIVATIVES:
             raise ValueError(
-                f"scaler= needs a meta step whose gradients are all first order: a generator that learns by hypergradient with "
-                f"engine='jvp' or 'finite_difference', or labels that do not learn; this wrapper has {what}. Loss scaling of the "
-                "second-order engines, of the policy-gradient step and of a meta-learned weighting is not implemented"
+                f"scaler= with a generator that learns by hypergradient needs engine='jvp' or 'finite_difference', got "
+                f"engine={self.engine!r}: loss scaling through a second-order graph is not implemented"
             )
         return scaler if scaler.is_enabled() else None
 
@@ -764,52 +757,60 @@ class MetaAuxWrapper(nn.Module):
         return (self.steps["meta"] - 1) % self.meta_every == 0
 
     def _meta_update(
-        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
+        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None, loss_scale: float | None = None
     ) -> tuple[dict[str, Tensor], _MetaUpdate | None]:
         """The generator's updated buffers and the meta step's update (not applied yet): the
-        generator's through the configured engine or by policy gradient, or a meta-learned weighting's."""
+        generator's through the configured engine or by policy gradient, or a meta-learned weighting's.
+        ``loss_scale``: a GradScaler's scale, for the policy gradient's backward passes."""
         if self._weighting_optimizer is not None:
             problem, at_theta = self._weighting_problem(x, y, x_meta, y_meta, index)
             scales = self.weighting.gradient_scales(at_theta.primary_grads, at_theta.aux_grads)
             return {}, self._weighting_hypergradient(problem, at_theta, scales)
         if not self._learns_by_hypergradient:
-            return {}, self._policy_gradient(x, y, x_meta, y_meta, index)
+            return {}, self._policy_gradient(x, y, x_meta, y_meta, index, loss_scale)
         targets, statistics = self._targets(x, y, index)
         meta_primary = get_engine(self.engine)(self._problem(x, y, targets, x_meta, y_meta))
         return statistics, self._hypergradient(meta_primary, targets)
 
-    def _policy_gradient(self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None) -> _MetaUpdate | None:
-        """REINFORCE: reward = decrease of the meta batch's primary loss after a virtual step on sampled labels."""
+    def _policy_gradient(
+        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None, loss_scale: float | None = None
+    ) -> _MetaUpdate | None:
+        """REINFORCE: reward = decrease of the meta batch's primary loss after a virtual step on sampled labels.
+        None if skipped: as non-finite, or (with ``loss_scale``) because the virtual step's gradient overflowed."""
         assert self.generator is not None
         targets, log_prob = self.generator.sample(self._generator_input(x), y, index)
         expected = (y.shape[0], self.mask.num_aux_classes)
         if targets.shape != expected or log_prob.shape != expected[:1]:
             raise ValueError(f"generator.sample returned targets {tuple(targets.shape)} and log_prob {tuple(log_prob.shape)}; expected {expected} and {expected[:1]}")
         problem = self._problem(x, y, targets.detach(), x_meta, y_meta)
-        gradient = gradient_at_theta(problem)
+        gradient = gradient_at_theta(problem, loss_scale)
+        if loss_scale is not None and not _all_finite(gradient.values()):
+            return None  # an overflow, as in the model step's own gradient: the scaler lowers the scale
         with torch.no_grad():
             before = meta_loss_after(problem, {})
             after = meta_loss_after(problem, {name: g for name in problem.parameters() if (g := gradient[name]) is not None})
         reward = before - after
         objective = self.generator.policy_objective(log_prob, reward)
         terms = {"reward": reward, "policy objective": objective}
-        return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, reward=reward)
+        return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, reward=reward, loss_scale=loss_scale)
 
     def _weighting_problem(
-        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None
+        self, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor, index: Tensor | None, loss_scale: float | None = None
     ) -> tuple[MetaProblem, GradientsAtTheta]:
         """The meta problem of a meta-learned weighting, and the two losses' gradients at theta."""
         with torch.no_grad():
             targets = self._targets(x, y, index)[0]
         problem = self._problem(x, y, targets, x_meta, y_meta)
-        return problem, gradients_at_theta(problem)
+        return problem, gradients_at_theta(problem, loss_scale)
 
-    def _weighting_hypergradient(self, problem: MetaProblem, at_theta: GradientsAtTheta, scales: Mapping[str, Scale]) -> _MetaUpdate | None:
+    def _weighting_hypergradient(
+        self, problem: MetaProblem, at_theta: GradientsAtTheta, scales: Mapping[str, Scale], loss_scale: float | None = None
+    ) -> _MetaUpdate | None:
         """A meta-learned weighting's exact hypergradient: ``theta'`` is linear in the weights (``scales``)."""
         direction = _combined_gradients(at_theta.primary_grads, at_theta.aux_grads, self.aux_weight, scales, problem.parameters())
         meta_primary = meta_loss_after(problem, {name: g for name, g in direction.items() if g is not None})
         terms = {"primary loss at theta'": meta_primary}
-        return self._meta_gradient("meta", meta_primary, list(self.weighting.parameters()), terms)
+        return self._meta_gradient("meta", meta_primary, list(self.weighting.parameters()), terms, loss_scale=loss_scale)
 
     def _meta_gradient(
         self,
@@ -823,10 +824,11 @@ class MetaAuxWrapper(nn.Module):
     ) -> _MetaUpdate | None:
         """The gradient of ``objective`` for ``params``, checked finite; None if skipped as non-finite.
 
-        With ``loss_scale`` (a GradScaler's scale) the gradient is that of ``loss_scale * objective``
-        and only the objective is checked: a gradient that overflowed is the scaler's to skip."""
+        With ``loss_scale`` (a GradScaler's scale) the backward pass runs on the scaled objective
+        (:func:`~auxlab.engines.scaled_grad`) and only the objective is checked: a gradient that
+        overflowed is the scaler's to skip."""
         learnable = [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(objective if loss_scale is None else objective * loss_scale, learnable, allow_unused=True)
+        grads = scaled_grad(objective, learnable, loss_scale)
         if self._reducer is not None:  # each rank holds the share of its own samples
             self._reducer.sum_([g for g in grads if g is not None])
         if loss_scale is not None:
@@ -861,8 +863,7 @@ class MetaAuxWrapper(nn.Module):
         return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, loss_scale=loss_scale)
 
     def _apply_meta_update(self, statistics: Mapping[str, Tensor], update: _MetaUpdate, scaler: torch.amp.GradScaler | None = None) -> None:
-        """Step the generator's optimizer (or a meta-learned weighting's) with ``update``
-        (``scaler.step``, if given: ``update`` holds scaled gradients)."""
+        """Step the generator's optimizer (or a meta-learned weighting's) with ``update`` (by ``scaler.step``, if given)."""
         if self._weighting_optimizer is not None:
             optimizer = self._weighting_optimizer
         else:
@@ -870,8 +871,9 @@ class MetaAuxWrapper(nn.Module):
             _commit_buffers(self.generator, statistics)  # the generator's BatchNorm statistics move in its own step
             optimizer = self._generator_optimizer
         optimizer.zero_grad(set_to_none=True)
+        loss_scale = self._loss_scale(scaler)
         for p, g in zip(update.params, update.grads):
-            p.grad = g
+            p.grad = _as_scaled_grad(g, loss_scale)
         if scaler is None:
             optimizer.step()
         else:
@@ -1056,6 +1058,11 @@ class MetaAuxWrapper(nn.Module):
         expected = (x.shape[0], self.num_classes)
         if primary.shape != expected:
             raise ValueError(f"the model returned shape {tuple(primary.shape)} but (B, num_classes) = {expected} was expected")
+
+
+def _as_scaled_grad(grad: Tensor | None, loss_scale: float | None) -> Tensor | None:
+    """``grad`` as ``.grad`` for a GradScaler's ``step``: times its scale, which the scaler divides out again."""
+    return grad if grad is None or loss_scale is None else grad * loss_scale
 
 
 def _all_finite(tensors: Iterable[Tensor | None]) -> bool:

@@ -532,7 +532,10 @@ class _Labeller:
     def _labelled_grad(self, *args: Any, **kwargs: Any) -> Any:
         if self.phase is None or self.phase == "model step":
             return self._grad(*args, **kwargs)
-        caller = sys._getframe(1).f_code.co_name
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "scaled_grad" and frame.f_back is not None:  # auxlab's one gradient helper: name its caller
+            frame = frame.f_back
+        caller = frame.f_code.co_name
         create_graph = kwargs.get("create_graph", args[4] if len(args) > 4 else False)
         if caller == "_meta_gradient":  # the generator's (or a weighting's) gradient
             what = "hypergradient backward"

@@ -37,8 +37,10 @@ def _scaler(init_scale: float = 2.0**12) -> GradScaler:
         {"generator": "single"},
         {"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "gcs"},
         {"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "uncertainty"},
+        {"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "maoal"},
+        {"generator": "rl"},
     ],
-    ids=["jvp", "finite_difference", "meta_every_2", "maxl-light", "random", "single", "gcs", "uncertainty"],
+    ids=["jvp", "finite_difference", "meta_every_2", "maxl-light", "random", "single", "gcs", "uncertainty", "maoal", "rl"],
 )
 def test_a_scaler_without_overflow_changes_nothing_but_the_scale_of_the_backward_passes(kwargs: dict[str, Any], max_grad_norm: float | None) -> None:
     scaled, scaled_optimizer = _wrapper(**kwargs)
@@ -60,60 +62,91 @@ def test_a_scaler_without_overflow_changes_nothing_but_the_scale_of_the_backward
     for key, value in after_plain.items():
         assert torch.allclose(after_scaled[key].double(), value.double(), rtol=0, atol=1e-12), key
     assert scaled.steps == plain.steps
-    if plain.generator is not None and plain.generator_optimizer is not None:  # the generator trained under the scaler too
-        assert any(not torch.equal(v, snapshot(_wrapper(**kwargs)[0].generator)[k]) for k, v in snapshot(scaled.generator).items())
+    initial = snapshot(_wrapper(**kwargs)[0])
+    learner = "generator." if plain.generator_optimizer is not None else "weighting." if plain.weighting_optimizer is not None else None
+    if learner is not None:  # what the meta step trains moved under the scaler too
+        assert any(not torch.equal(v, after_scaled[k]) for k, v in initial.items() if k.startswith(learner))
 
 
-def test_the_backward_passes_really_run_on_the_scaled_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    wrapper, optimizer = _wrapper()
+def _grad_outputs(monkeypatch: pytest.MonkeyPatch, scaler: GradScaler | None, **kwargs: Any) -> list[float]:
+    """The value of every loss that ``torch.autograd.grad`` differentiates in one ``step``."""
     seen: list[float] = []
     original = torch.autograd.grad
 
-    def recording(outputs: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(float(outputs.detach()) if isinstance(outputs, torch.Tensor) else float("nan"))
-        return original(outputs, *args, **kwargs)
+    def recording(outputs: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(float(outputs.detach()))
+        return original(outputs, *args, **kw)
 
-    x, y = batch(9, dtype=torch.float64)
-    monkeypatch.setattr(torch.autograd, "grad", recording)
-    wrapper.step(x, y, optimizer)
-    unscaled = list(seen)
-    seen.clear()
-    wrapper2, optimizer2 = _wrapper()
-    wrapper2.step(x, y, optimizer2, scaler=_scaler(2.0**10))
-    # the gradient at theta, u at theta' and the generator's hypergradient: each of a loss 1024 times larger
-    assert len(seen) == len(unscaled) == 3
-    for scaled_value, value in zip(seen, unscaled):
+    wrapper, optimizer = _wrapper(**kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", recording)
+        wrapper.step(*batch(9, dtype=torch.float64), optimizer, index=torch.arange(9), scaler=scaler)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "passes"),
+    [
+        # the gradient at theta, u at theta' and the generator's hypergradient
+        ({}, 3),
+        # the two gradients that the cosine compares
+        ({"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "gcs"}, 2),
+        # the two gradients at theta and the weights' hypergradient
+        ({"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "maoal"}, 3),
+        # the virtual step's gradient and the policy gradient
+        ({"generator": "rl"}, 2),
+    ],
+    ids=["maxl", "gcs", "maoal", "rl"],
+)
+def test_the_backward_passes_really_run_on_the_scaled_losses(monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], passes: int) -> None:
+    unscaled = _grad_outputs(monkeypatch, None, **kwargs)
+    scaled = _grad_outputs(monkeypatch, _scaler(2.0**10), **kwargs)
+    assert len(scaled) == len(unscaled) == passes
+    for scaled_value, value in zip(scaled, unscaled):
         assert scaled_value == pytest.approx(value * 2.0**10, rel=1e-12)
 
 
-def test_a_float16_overflow_skips_both_steps_lowers_the_scale_and_training_goes_on() -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "learner"),
+    [
+        ({}, "generator."),
+        ({"generator": "rl"}, "generator."),
+        ({"generator": "random", "generator_kwargs": {"num_samples": 16}, "weighting": "maoal"}, "weighting."),
+    ],
+    ids=["maxl", "rl", "maoal"],
+)
+def test_a_float16_overflow_skips_both_steps_lowers_the_scale_and_training_goes_on(kwargs: dict[str, Any], learner: str) -> None:
     torch.manual_seed(0)
-    wrapper = MetaAuxWrapper(TinyCNN(), num_classes=10, psi=5, engine="jvp")
+    wrapper = MetaAuxWrapper(TinyCNN(), num_classes=10, psi=5, engine="jvp", **kwargs)
     optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.01)
     scaler = GradScaler("cpu", init_scale=2.0**40)  # far too large for float16 gradients
     x, y = image_batch(16)
+    index = torch.arange(16)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return wrapper.step(x, y, optimizer, index=index, scaler=scaler)  # nonfinite="raise": an overflow is not an error
+
     before = snapshot(wrapper)
-    parameters_before = {name: p.detach().clone() for name, p in wrapper.state_dict().items() if name in dict(wrapper.named_parameters()) or name.startswith("generator.") and "running" not in name and "num_batches" not in name}
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = wrapper.step(x, y, optimizer, scaler=scaler)  # nonfinite="raise": an overflow is not an error
+    trained = [name for name in before if (name.startswith(("model.", "aux_head.", learner))) and "running" not in name and "num_batches" not in name]
+    loss = step()
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     # no parameter moved (the forward passes moved the BatchNorm statistics, as in any AMP loop)
-    assert all(torch.equal(value, wrapper.state_dict()[name]) for name, value in parameters_before.items())
+    after = snapshot(wrapper)
+    assert all(torch.equal(before[name], after[name]) for name in trained)
     assert not optimizer.state and wrapper.last_meta_objective is None
     assert scaler.get_scale() == 2.0**39
     steps = 0
     while scaler.get_scale() == 2.0 ** (39 - steps) and steps < 40:  # halves on each overflow
-        with torch.autocast("cpu", dtype=torch.float16):
-            wrapper.step(x, y, optimizer, scaler=scaler)
+        step()
         steps += 1
     assert steps < 40
     for _ in range(3):
-        with torch.autocast("cpu", dtype=torch.float16):
-            assert torch.isfinite(wrapper.step(x, y, optimizer, scaler=scaler))
+        assert torch.isfinite(step())
     after = snapshot(wrapper)
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert not torch.equal(before["model.classifier.weight"], after["model.classifier.weight"])
-    assert any(not torch.equal(before[name], after[name]) for name in before if name.startswith("generator.") and "running" not in name)
+    assert any(not torch.equal(before[name], after[name]) for name in trained if name.startswith(learner))
     assert wrapper.last_meta_objective is not None
 
 
@@ -143,42 +176,14 @@ def test_a_disabled_scaler_is_no_scaler() -> None:
         assert torch.equal(snapshot(a)[key], value), key
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"engine": "functional"}, "engine='functional'"),
-        ({"engine": "higher"}, "engine='higher'"),
-        ({"generator": "rl"}, "generator='rl'"),
-        ({"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "maoal"}, "weighting='maoal'"),
-    ],
-)
-def test_a_scaler_with_a_second_order_or_other_meta_step_is_refused_before_anything_changes(kwargs: dict[str, Any], message: str) -> None:
-    wrapper, optimizer = _wrapper(**kwargs)
+@pytest.mark.parametrize("engine", ["functional", "higher"])
+def test_a_scaler_with_a_second_order_engine_is_refused_before_anything_changes(engine: str) -> None:
+    wrapper, optimizer = _wrapper(engine=engine)
     before = snapshot(wrapper)
     x, y = batch(9, dtype=torch.float64)
-    with pytest.raises(ValueError, match=f"scaler= needs .*{message}"):
+    with pytest.raises(ValueError, match=f"needs engine='jvp' or 'finite_difference', got engine='{engine}'"):
         wrapper.step(x, y, optimizer, index=torch.arange(9), scaler=_scaler())
     assert_unchanged(wrapper, before)
     assert wrapper.steps == {"model": 0, "meta": 0}
     with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler, got float"):
         wrapper.step(x, y, optimizer, index=torch.arange(9), scaler=2.0**12)  # type: ignore[arg-type]
-
-
-def test_a_gradient_level_weighting_compares_gradients_of_the_scaled_losses(monkeypatch: pytest.MonkeyPatch) -> None:
-    import auxlab.wrapper
-
-    seen: list[tuple[float, float]] = []
-    original = auxlab.wrapper.separate_gradients
-
-    def recording(primary_loss: torch.Tensor, aux_loss: torch.Tensor, params: Any) -> Any:
-        seen.append((float(primary_loss.detach()), float(aux_loss.detach())))
-        return original(primary_loss, aux_loss, params)
-
-    monkeypatch.setattr(auxlab.wrapper, "separate_gradients", recording)
-    x, y = batch(9, dtype=torch.float64)
-    for scaler in (None, _scaler(2.0**10)):
-        wrapper, optimizer = _wrapper(generator="random", generator_kwargs={"num_samples": 9}, weighting="gcs")
-        wrapper.step(x, y, optimizer, index=torch.arange(9), scaler=scaler)
-    (plain_primary, plain_aux), (scaled_primary, scaled_aux) = seen
-    assert scaled_primary == pytest.approx(plain_primary * 2.0**10, rel=1e-12)
-    assert scaled_aux == pytest.approx(plain_aux * 2.0**10, rel=1e-12)

@@ -161,6 +161,9 @@ def test_round_trip_through_json() -> None:
         (["--generator-optimizer", "rmsprop"], "generator_optimizer must be one of 'sgd', 'adam'"),
         (["--progress", "--name", "a/b"], "name must be a plain directory name"),
         (["--resume"], "name must be given with resume=True: the experiment to continue is <out>/<name>; got name=None"),
+        (["--autocast", "fp8"], "autocast must be one of 'bf16', 'fp16', got 'fp8'"),
+        (["--autocast", "fp16", "--schedule", "alternating"], "autocast='fp16' trains with a GradScaler, which wrapper.step takes: it needs schedule='per-batch'"),
+        (["--autocast", "fp16", "--engine", "functional"], "autocast='fp16' needs engine 'jvp' or 'finite_difference'"),
     ],
 )
 def test_bad_values_name_the_field(argv: list[str], message: str) -> None:
@@ -393,6 +396,18 @@ def test_same_config_twice_gives_identical_metrics(tmp_path: Path) -> None:
     assert without_time(first.records) == without_time(second.records)
     other_seed = run_experiment(replace(config, name="seed4", seeds=(4,)), log=quiet)
     assert without_time(other_seed.records) != without_time(first.records)
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_mixed_precision_training_is_deterministic_and_differs_from_float32(tmp_path: Path, autocast: str) -> None:
+    config = tiny(tmp_path, strategies=("single", "maxl"), seeds=(0,), epochs=1, autocast=autocast)
+    first = run_experiment(config, log=quiet)
+    assert all(math.isfinite(r["train_loss"]) for r in first.records if r["epoch"] == 1)
+    assert without_time(run_experiment(replace(config, name="again"), log=quiet).records) == without_time(first.records)
+    float32 = run_experiment(replace(config, name="float32", autocast=None), log=quiet)
+    trained = [r for r in first.records if r["epoch"] == 1]
+    assert [r["train_loss"] for r in trained] != [r["train_loss"] for r in float32.records if r["epoch"] == 1]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["autocast"] == autocast
 
 
 def test_generator_optimizer_adam_trains_the_generator_with_adam(tmp_path: Path) -> None:
@@ -753,6 +768,21 @@ def test_resuming_a_finished_experiment_runs_nothing_again(tmp_path: Path, monke
     (run_dir / "metrics.jsonl").unlink()  # every run's final checkpoint holds its records too
     rebuilt = run_experiment(replace(config, resume=True), log=quiet)
     assert rebuilt.records == first.records and read_jsonl(run_dir / "metrics.jsonl") == first.records
+
+
+def test_a_float16_run_resumes_with_its_grad_scaler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny(tmp_path / "whole", strategies=("maxl",), seeds=(0,), epochs=3, autocast="fp16", max_batches=4)
+    whole = run_experiment(config, log=quiet)
+    cut = replace(config, out=str(tmp_path / "cut"))
+    interrupt_at(monkeypatch, 3)  # stops after epoch 2
+    with pytest.raises(_Interrupted):
+        run_experiment(cut, log=quiet)
+    saved = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "maxl-seed0.pt", weights_only=True)
+    scaler_state = json.loads(saved["counters"]["grad_scaler"])
+    assert scaler_state["scale"] < 2.0**16  # overflows lowered the default scale: a fresh scaler would differ
+    monkeypatch.setattr(run_module, "_train_epoch", _TRAIN_EPOCH)
+    resumed = run_experiment(replace(cut, resume=True), log=quiet)
+    assert without_time(resumed.records) == without_time(whole.records)
 
 
 def test_resume_refuses_another_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,7 @@ __all__ = ["RESUME_MAY_DIFFER", "SMOKE", "ConfigError", "ExperimentConfig", "bui
 DATASETS = ("digits", "fashion-mnist", "folder")
 TASKS = ("fine", "coarse")
 SCHEDULES = ("per-batch", "alternating")
+AUTOCAST_DTYPES = ("bf16", "fp16")
 GENERATOR_OPTIMIZERS = ("sgd", "adam")
 BUILTIN_MODELS = ("small-cnn", "vgg-bn")
 
@@ -125,6 +126,9 @@ class ExperimentConfig:
         "comma-separated names or name prefixes of the parameters the virtual step moves (e.g. aux_head,model.classifier); none: all, as in the paper"))
     max_batches: int | None = field(default=None, metadata=_help("stop each epoch (each phase, when alternating) after this many batches; none: all"))
     device: str = field(default="cpu", metadata=_help("torch device to train on, e.g. cpu or cuda"))
+    autocast: str | None = field(default=None, metadata=_help(
+        "mixed-precision training: bf16 or fp16 runs the training steps under torch.autocast with that dtype (fp16 with a "
+        "torch.amp.GradScaler; per-batch schedule, and engine jvp or finite_difference); evaluation stays float32; none: float32"))
     threads: int | None = field(default=None, metadata=_help(
         "torch CPU threads during the run (restored afterwards); none: torch's default. 1 is often fastest for the small models on a busy machine"))
     # --- diagnostics and output
@@ -201,6 +205,12 @@ class ExperimentConfig:
         from auxlab.engines import ENGINES
 
         _choice("engine", self.engine, sorted(ENGINES))
+        if self.autocast is not None:
+            _choice("autocast", self.autocast, AUTOCAST_DTYPES)
+        if self.autocast == "fp16" and self.schedule != "per-batch":
+            raise ConfigError(f"autocast='fp16' trains with a GradScaler, which wrapper.step takes: it needs schedule='per-batch', got {self.schedule!r}")
+        if self.autocast == "fp16" and self.engine not in ("jvp", "finite_difference"):
+            raise ConfigError(f"autocast='fp16' needs engine 'jvp' or 'finite_difference' (loss scaling through a second-order graph is not implemented), got {self.engine!r}")
         _at_least("meta_every", self.meta_every, 1)
         if self.virtual_params is not None and not self.virtual_params:
             raise ConfigError("virtual_params must name at least one parameter prefix, or be none (all parameters)")
@@ -462,7 +472,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-_CHOICES = {"dataset": DATASETS, "task": TASKS, "schedule": SCHEDULES, "image_mode": ("L", "RGB"), "generator_optimizer": GENERATOR_OPTIMIZERS}
+_CHOICES = {
+    "dataset": DATASETS, "task": TASKS, "schedule": SCHEDULES, "image_mode": ("L", "RGB"), "generator_optimizer": GENERATOR_OPTIMIZERS,
+    "autocast": AUTOCAST_DTYPES,
+}
 
 
 def _metavar(name: str, annotation: Any) -> str:

@@ -427,6 +427,7 @@ def train_one(
             drop_last=len(data.train) % config.batch_size == 1,  # BatchNorm cannot train on a batch of one
         )
         meta_batches = _MetaBatches(split.dev, batch_size=config.batch_size, seed=seed + 2**32) if split.dev is not None else None
+        scaler = torch.amp.GradScaler(device.type) if config.autocast == "fp16" else None
         labels = "none" if wrapper.is_single_task else ("learned" if wrapper.generator_optimizer is not None else "fixed")
         psi = list(wrapper.mask.psi)
         records: list[dict[str, Any]] = []
@@ -438,6 +439,8 @@ def train_one(
             batch_order.set_state(_decode_state(counters["batch_order"]))
             if meta_batches is not None:
                 meta_batches.load_state(_decode_state(counters["meta_order"]), counters["meta_taken"])
+            if scaler is not None:
+                scaler.load_state_dict(json.loads(counters["grad_scaler"]))
             if config.inner_lr is None:  # as set after the last epoch's scheduler step
                 wrapper.inner_lr = optimizer.param_groups[0]["lr"]
             first_epoch = len(records)
@@ -450,7 +453,7 @@ def train_one(
             if epoch > 0:  # epoch 0 measures the untrained model and the initial labels
                 start = time.perf_counter()
                 train_loss, meta_loss, batches = _train_epoch(
-                    wrapper, optimizer, loader, config, device, meta_batches=meta_batches,
+                    wrapper, optimizer, loader, config, device, meta_batches=meta_batches, scaler=scaler,
                     desc=f"{strategy} seed {seed} epoch {epoch}/{config.epochs}",
                 )
                 elapsed = time.perf_counter() - start
@@ -500,6 +503,7 @@ def train_one(
                     batch_order=_encode_state(batch_order.get_state()),
                     meta_order=_encode_state(meta_batches.pass_state) if meta_batches is not None else None,
                     meta_taken=meta_batches.taken if meta_batches is not None else None,
+                    grad_scaler=json.dumps(scaler.state_dict()) if scaler is not None else None,
                 )
     return RunOutcome(records, columns, probe_full if columns is not None else None)
 
@@ -639,11 +643,13 @@ def _train_epoch(
     *,
     desc: str,
     meta_batches: _MetaBatches | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float | None, int]:
     """One epoch of the configured schedule; returns (mean model loss, mean meta objective or None, model steps).
 
     With ``meta_batches``, every ``step`` (per-batch) or ``meta_step`` (alternating) gets the next
     development batch as its meta batch; without, the meta batch is the training batch itself.
+    With ``config.autocast`` the steps run under ``torch.autocast``; ``scaler`` goes to ``step``.
     """
     meta_learns = _has_meta_step(wrapper)
     per_phase = len(loader) if config.max_batches is None else min(len(loader), config.max_batches)
@@ -658,13 +664,15 @@ def _train_epoch(
     try:
         for x, y, index in _batches(loader, per_phase, device):
             if alternating:
-                loss = wrapper.loss(x, y, index=index)
+                with _autocast(config, device):
+                    loss = wrapper.loss(x, y, index=index)
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
                 optimizer.step()
             else:  # the model step and the meta step together, sharing their work where the engine can
                 x_meta, y_meta = meta_batch()
-                loss = wrapper.step(x, y, optimizer, index=index, x_meta=x_meta, y_meta=y_meta)
+                with _autocast(config, device):
+                    loss = wrapper.step(x, y, optimizer, index=index, x_meta=x_meta, y_meta=y_meta, scaler=scaler)
                 meta = wrapper.last_meta_objective
                 if meta is not None:
                     meta_sum += float(meta) * y.shape[0]
@@ -677,7 +685,8 @@ def _train_epoch(
         if alternating and meta_learns:  # the original code: a whole epoch of meta steps after the model's epoch
             for x, y, index in _batches(loader, per_phase, device):
                 x_meta, y_meta = meta_batch()
-                meta = wrapper.meta_step(x, y, x_meta, y_meta, index=index)
+                with _autocast(config, device):
+                    meta = wrapper.meta_step(x, y, x_meta, y_meta, index=index)
                 if meta is not None:  # None: a batch skipped by meta_every
                     meta_sum += float(meta) * y.shape[0]
                     meta_seen += y.shape[0]
@@ -689,6 +698,12 @@ def _train_epoch(
         if bar is not None:
             bar.close()
     return loss_sum / max(seen, 1), (meta_sum / meta_seen if meta_seen else None), min(per_phase, len(loader))
+
+
+def _autocast(config: ExperimentConfig, device: torch.device) -> torch.autocast:
+    """``torch.autocast`` with the config's dtype, or a disabled one when it trains in float32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast or "", torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=config.autocast is not None)
 
 
 def _batches(loader: DataLoader[Any], limit: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

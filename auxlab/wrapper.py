@@ -625,7 +625,7 @@ class MetaAuxWrapper(nn.Module):
             statistics, update = self._meta_update(x, y, x_meta, y_meta, index, loss_scale) if due else ({}, None)
             loss, model_finite = self._model_loss(x, y, index, loss_scale)
             if update is not None:
-                self._apply_meta_update(statistics, update, scaler)
+                self._apply_meta_update(statistics, update, scaler, loss_scale)
             if model_finite:
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
@@ -652,12 +652,8 @@ class MetaAuxWrapper(nn.Module):
         # a gradient that overflowed moved theta' off to infinity: the scaler skips both steps
         overflow = loss_scale is not None and not _all_finite(shared.grads.values())
         update = None if overflow else self._hypergradient(shared.surrogate, targets, loss_scale)  # raises before anything changed, if it must
-        if model_finite:
-            self._apply_model_gradient(optimizer, shared.grads, shared.buffers, max_grad_norm, scaler)
-        if update is not None:
-            self._apply_meta_update(statistics, update, scaler)
-        if scaler is not None and (model_finite or update is not None):
-            scaler.update()
+        grads = shared.grads if model_finite else None
+        self._apply_steps(optimizer, grads, shared.buffers, max_grad_norm, statistics, update, scaler, loss_scale)
         return loss
 
     def _step_with_weighting_update(
@@ -676,32 +672,37 @@ class MetaAuxWrapper(nn.Module):
         # a gradient that overflowed moved theta' off to infinity: the scaler skips both steps
         overflow = loss_scale is not None and not _all_finite([*at_theta.primary_grads.values(), *at_theta.aux_grads.values()])
         update = None if overflow else self._weighting_hypergradient(problem, at_theta, scales, loss_scale)  # raises before anything changed
-        if model_finite:
-            grads = _combined_gradients(at_theta.primary_grads, at_theta.aux_grads, self.aux_weight, _detached(scales), at_theta.primary_grads)
-            self._apply_model_gradient(optimizer, grads, at_theta.buffers, max_grad_norm, scaler)
-        if update is not None:
-            self._apply_meta_update({}, update, scaler)
-        if scaler is not None and (model_finite or update is not None):
-            scaler.update()
+        grads = (
+            _combined_gradients(at_theta.primary_grads, at_theta.aux_grads, self.aux_weight, _detached(scales), at_theta.primary_grads)
+            if model_finite else None
+        )
+        self._apply_steps(optimizer, grads, at_theta.buffers, max_grad_norm, {}, update, scaler, loss_scale)
         return loss
 
-    def _apply_model_gradient(
+    def _apply_steps(
         self,
         optimizer: torch.optim.Optimizer,
-        grads: Mapping[str, Tensor | None],
+        grads: Mapping[str, Tensor | None] | None,
         buffers: Mapping[str, Tensor],
         max_grad_norm: float | None,
-        scaler: torch.amp.GradScaler | None = None,
+        statistics: Mapping[str, Tensor],
+        update: _MetaUpdate | None,
+        scaler: torch.amp.GradScaler | None,
+        loss_scale: float | None,
     ) -> None:
-        """The model step from gradients computed by hand: commit the forward pass's buffers, set ``.grad``
-        (scaled for ``scaler``), step."""
-        _commit_buffers(self._net, buffers)
-        optimizer.zero_grad(set_to_none=True)
-        loss_scale = self._loss_scale(scaler)
-        for name, p in self._net.named_parameters():
-            if p.requires_grad:
-                p.grad = _as_scaled_grad(grads[name], loss_scale)
-        self._optimizer_step(optimizer, max_grad_norm, scaler)
+        """The end of a fused :meth:`step`: the model step from gradients computed by hand (None: a
+        non-finite batch, skipped), then the meta update (if any), then ``scaler.update()``."""
+        if grads is not None:
+            _commit_buffers(self._net, buffers)
+            optimizer.zero_grad(set_to_none=True)
+            for name, p in self._net.named_parameters():
+                if p.requires_grad:
+                    p.grad = _as_scaled_grad(grads[name], loss_scale)
+            self._optimizer_step(optimizer, max_grad_norm, scaler)
+        if update is not None:
+            self._apply_meta_update(statistics, update, scaler, loss_scale)
+        if scaler is not None and (grads is not None or update is not None):
+            scaler.update()
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None = None) -> None:
         """``optimizer.step()`` (``scaler.step(optimizer)``), after clipping the gradients' total norm
@@ -862,8 +863,11 @@ class MetaAuxWrapper(nn.Module):
         terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term}
         return self._meta_gradient("meta", objective, list(self.generator.parameters()), terms, loss_scale=loss_scale)
 
-    def _apply_meta_update(self, statistics: Mapping[str, Tensor], update: _MetaUpdate, scaler: torch.amp.GradScaler | None = None) -> None:
-        """Step the generator's optimizer (or a meta-learned weighting's) with ``update`` (by ``scaler.step``, if given)."""
+    def _apply_meta_update(
+        self, statistics: Mapping[str, Tensor], update: _MetaUpdate, scaler: torch.amp.GradScaler | None = None, loss_scale: float | None = None
+    ) -> None:
+        """Step the generator's optimizer (or a meta-learned weighting's) with ``update`` (by ``scaler.step``,
+        if given, with ``loss_scale`` its scale)."""
         if self._weighting_optimizer is not None:
             optimizer = self._weighting_optimizer
         else:
@@ -871,7 +875,6 @@ class MetaAuxWrapper(nn.Module):
             _commit_buffers(self.generator, statistics)  # the generator's BatchNorm statistics move in its own step
             optimizer = self._generator_optimizer
         optimizer.zero_grad(set_to_none=True)
-        loss_scale = self._loss_scale(scaler)
         for p, g in zip(update.params, update.grads):
             p.grad = _as_scaled_grad(g, loss_scale)
         if scaler is None:

@@ -86,6 +86,17 @@ def variants(width: int, batch_size: int, *, compiled: bool = False) -> dict[str
     return timed
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, ``repeats`` rounds that run every one of them once, in order."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=16)
@@ -98,12 +109,7 @@ def main() -> None:
     fns = variants(args.width, args.batch_size, compiled=args.compile)
     for fn in fns.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(fns, args.repeats)
     unit = min(times["forward+backward"])
     print(f"SmallCNN width {args.width}, batch {args.batch_size}x1x28x28, {args.threads} thread(s), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; minimum of {args.repeats} interleaved repeats")

@@ -26,6 +26,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from auxlab.losses import soft_target_coefficients
+from benchmarks.jvp_variants import interleaved_times
 from benchmarks.models import build_model
 
 
@@ -75,12 +76,7 @@ def main() -> None:
             "forward_ad, hook (the engine's way), eager": eager_dual,
             "torch.func.jvp, weight swap, torch.compile": lambda: compiled(params, direction),
         }
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_times(variants, args.repeats)
     print(f"cnn, batch {args.batch_size}x3x32x32, {args.threads} thread(s), torch {torch.__version__}; median of {args.repeats} interleaved repeats")
     print("| directional derivative of the coefficients | ms |\n|---|---:|")
     for name, values in times.items():

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["IndexedDataset"]
+__all__ = ["IndexedDataset", "TrainingData"]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a runner knows of the training set, for strategies built from it
+    (:meth:`~auxlab.AuxLabelGenerator.kwargs_from_data`).
+
+    Attributes:
+        dataset: the training set, a map-style dataset whose items are ``(x, y, ...)``; the dataset
+            indices of the training batches index it.
+        fine_labels: ``(N,)`` the fine label of every sample, if the dataset has them.
+        fine_to_coarse: the primary class of each fine label, if the dataset has fine labels.
+    """
+
+    dataset: Dataset[Any]
+    fine_labels: Tensor | None = None
+    fine_to_coarse: Sequence[int] | None = None
 
 
 class IndexedDataset(Dataset[tuple[Any, ...]]):

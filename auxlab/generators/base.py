@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from auxlab.hierarchy import HierarchyMask
+
+if TYPE_CHECKING:
+    from auxlab.data import TrainingData
 
 __all__ = ["GENERATORS", "AuxLabelGenerator"]
 
@@ -86,6 +89,17 @@ class AuxLabelGenerator(nn.Module):
             kwargs = {"seed": default_seed, **kwargs}
         return cls(mask, **kwargs)
 
+    @classmethod
+    def kwargs_from_data(cls, data: TrainingData) -> dict[str, Any]:
+        """The ``generator_kwargs`` a runner derives from the training set (e.g. its size, or its fine
+        labels); the default is none. A runner (``python -m auxlab.experiments``) calls this for any
+        registered strategy, so it never needs to know the strategy's name.
+
+        Raises:
+            ValueError: if the strategy needs something ``data`` does not have (e.g. fine labels).
+        """
+        return {}
+
     @property
     def learns(self) -> bool:
         """Whether the strategy has trainable parameters for the meta step to update."""
@@ -103,6 +117,15 @@ class AuxLabelGenerator(nn.Module):
             ``(B, K)`` probabilities, zero outside each sample's block ``mask.block(y)``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x, y, index=None)")
+
+    def label_distribution(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+        """``(B, K)``: the distribution each sample's auxiliary label comes from, with what :meth:`forward` reads.
+
+        For a deterministic strategy it is the targets themselves (the default); a strategy that
+        draws its labels returns the probabilities it draws from, without drawing. Diagnostics read it.
+        """
+        targets: Tensor = self(x, y, index)
+        return targets
 
     def one_hot(self, column: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
         """``(B, K)`` one-hot targets from ``(B,)`` auxiliary columns (for strategies with hard labels)."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from auxlab.data import TrainingData
 from auxlab.generators._tables import FixedLabelTable
 from auxlab.generators.base import check_mask
 from auxlab.hierarchy import HierarchyMask
@@ -38,3 +40,10 @@ class HumanLabels(FixedLabelTable, name="human"):
                 f"fine labels must lie in [0, {len(columns)})"
             )
         super().__init__(mask, columns[fine.long()])
+
+    @classmethod
+    def kwargs_from_data(cls, data: TrainingData) -> dict[str, Any]:
+        """``fine_labels`` and ``fine_to_coarse`` of the training set; a ValueError if it has none."""
+        if data.fine_labels is None or data.fine_to_coarse is None:
+            raise ValueError("strategy 'human' needs the dataset's fine labels, and this training set has none")
+        return {"fine_labels": data.fine_labels, "fine_to_coarse": data.fine_to_coarse}

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from auxlab.data import TrainingData
 from auxlab.generators._tables import FixedLabelTable
 from auxlab.generators.base import check_mask
 from auxlab.hierarchy import HierarchyMask
@@ -58,6 +59,11 @@ class KMeansLabels(FixedLabelTable, name="kmeans"):
                 raise ValueError(f"class {c} has {members.numel()} samples in dataset, fewer than psi[{c}]={k} clusters")
             table[members] = mask.block(c).start + kmeans(points[members], k, generator=generator, max_iter=max_iter)
         super().__init__(mask, table)
+
+    @classmethod
+    def kwargs_from_data(cls, data: TrainingData) -> dict[str, Any]:
+        """``dataset``: the training set, clustered once."""
+        return {"dataset": data.dataset}
 
 
 def _features_and_labels(

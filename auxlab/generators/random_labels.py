@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from auxlab.data import TrainingData
 from auxlab.generators._tables import FixedLabelTable
 from auxlab.hierarchy import HierarchyMask
 
@@ -33,6 +35,11 @@ class RandomLabels(FixedLabelTable, name="random"):
         generator = torch.Generator().manual_seed(int(seed))
         draws = torch.randint(0, 2**62, (int(num_samples),), generator=generator)
         super().__init__(mask, draws)
+
+    @classmethod
+    def kwargs_from_data(cls, data: TrainingData) -> dict[str, Any]:
+        """``num_samples``: the size of the training set."""
+        return {"num_samples": len(data.dataset)}  # type: ignore[arg-type]
 
     def lookup(self, y: Tensor, index: Tensor) -> Tensor:
         return self.mask.column(y, self.table[index] % self.mask.sizes_of(y))

@@ -138,6 +138,10 @@ class PolicyLabels(FeatureReader, name="rl"):
         scores, gate_logit = self._outputs(x)
         return self.mask.softmax(scores, y), (torch.sigmoid(gate_logit) if gate_logit is not None else None)
 
+    def label_distribution(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
+        """``(B, K)``: the policy's sub-class probabilities (:meth:`policy`), without drawing."""
+        return self.policy(x, y)[0]
+
     def sample(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw one sub-class per sample inside its block (and its gate), with their log-probabilities.
 

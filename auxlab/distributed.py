@@ -19,6 +19,7 @@ DistributedDataParallel), so with BatchNorm the match is close but not exact.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +27,38 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Reducer"]
+__all__ = ["LocalReducer", "Reducer"]
 
 
-class Reducer:
+class LocalReducer:
+    """The stand-in for one process: every collective operation leaves its tensors as they are."""
+
+    world_size = 1
+    #: Whether this is data-parallel training (a process group, even of one rank).
+    distributed = False
+
+    def average_(self, tensors: Sequence[Tensor]) -> None:
+        """Nothing to average in one process."""
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        """Nothing to sum in one process."""
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """``flag`` itself."""
+        return flag
+
+    def mean(self, local: Tensor) -> Tensor:
+        """``local`` itself."""
+        return local
+
+    def broadcast_(self, module: nn.Module) -> None:
+        """Nothing to broadcast in one process."""
+
+    def warn_unaveraged_loss(self) -> None:
+        """A ``loss().backward()`` of one process needs no averaging."""
+
+
+class Reducer(LocalReducer):
     """Collective operations over one process group, on lists of tensors (flattened into one call).
 
     Args:
@@ -45,6 +74,17 @@ class Reducer:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.source = 0 if group is None else dist.get_global_rank(group, 0)
+        self.distributed = True
+        self._warned_loss = False
+
+    def warn_unaveraged_loss(self) -> None:
+        """Warn once that ``loss().backward()`` is not averaged over the ranks (``step`` is)."""
+        if not self._warned_loss:
+            self._warned_loss = True
+            warnings.warn(
+                "with distributed=True, the gradients of loss().backward() are not averaged over the ranks, so the ranks "
+                "drift apart; train with wrapper.step(x, y, optimizer), which averages them", RuntimeWarning, stacklevel=3,
+            )
 
     def average_(self, tensors: Sequence[Tensor]) -> None:
         """Replace each tensor, in place, by its mean over the ranks."""

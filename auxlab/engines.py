@@ -1,6 +1,9 @@
 """Hypergradient engines: the meta objective's dependence on the auxiliary targets.
 
-Every engine takes a :class:`MetaProblem` and returns a scalar whose value is the primary loss
+An engine is an :class:`Engine` object, registered by name in :data:`ENGINES`, that declares what it
+can do (exact or first order; whether it computes the model step's gradient on the way, so that
+:meth:`~auxlab.MetaAuxWrapper.step` can share it; whether it works in data-parallel training and
+with a loss scaler). Its :meth:`~Engine.meta_loss` takes a :class:`MetaProblem` and returns a scalar whose value is the primary loss
 after the virtual step, ``L_pri(f_theta'(x_meta), y_meta)`` with
 ``theta' = theta - inner_lr * grad_theta [L_pri + aux_weight * L_aux](theta, t)``, and whose
 gradient with respect to the targets ``t`` is that loss's gradient (exactly, or approximately for
@@ -21,21 +24,24 @@ No engine changes a parameter, a buffer (BatchNorm statistics) or ``.grad`` of t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from dataclasses import dataclass, field
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.func import functional_call
+from torch.profiler import record_function
 
-from auxlab.distributed import Reducer
+from auxlab._gradients import attach_gradient, global_norm
+from auxlab.distributed import LocalReducer
 from auxlab.losses import classification_loss, model_step_losses, soft_target_coefficients
-from auxlab.multitask import MultiTaskNet
+from auxlab.multitask import MultiTaskNet, buffer_copies
+from auxlab.scaling import LossScaling
 
 __all__ = [
-    "ENGINES", "FINITE_DIFFERENCE_SCALE", "SHARED_DERIVATIVES", "GradientsAtTheta", "MetaProblem", "SharedStep", "get_engine", "gradient_at_theta", "gradients_at_theta",
-    "linearised_step", "meta_loss_after", "scaled_grad", "separate_gradients", "virtual_step",
+    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "GradientsAtTheta", "LinearisedEngine", "MetaProblem", "SharedStep", "get_engine",
+    "gradient_at_theta", "gradients_at_theta", "linearised_step", "meta_loss_after", "separate_gradients", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -54,9 +60,11 @@ class MetaProblem:
         inner_lr, aux_weight, focal_gamma: the wrapper's hyper-parameters.
         virtual_params: names of the parameters that take the virtual step; None for every
             trainable parameter. The others are held fixed.
-        reducer: in data-parallel training, the ranks' collective operations: the gradients at
-            theta and at theta' are averaged over the ranks (:mod:`auxlab.distributed`). Only
-            :func:`linearised_step` supports it.
+        reducer: the ranks' collective operations: in data-parallel training the gradients at
+            theta and at theta' are averaged over the ranks (:mod:`auxlab.distributed`); only
+            engines that declare ``distributed`` use it. Default: one process.
+        scaling: the loss scaling of every gradient (:mod:`auxlab.scaling`); only engines that
+            declare ``loss_scaling`` use it. Default: none.
     """
 
     net: MultiTaskNet
@@ -69,7 +77,8 @@ class MetaProblem:
     aux_weight: float
     focal_gamma: float
     virtual_params: frozenset[str] | None = None
-    reducer: Reducer | None = None
+    reducer: LocalReducer = field(default_factory=LocalReducer)
+    scaling: LossScaling = field(default_factory=LossScaling)
 
     def parameters(self) -> dict[str, Tensor]:
         """The parameters of the virtual step, by name."""
@@ -81,7 +90,7 @@ class MetaProblem:
 
     def buffer_copies(self) -> dict[str, Tensor]:
         """Copies of the network's buffers, so that no forward here moves its running statistics."""
-        return {name: b.clone() for name, b in self.net.named_buffers()}
+        return buffer_copies(self.net)
 
     def inner_loss(self, primary: Tensor, aux: Tensor | None, targets: Tensor) -> Tensor:
         """``L_pri + aux_weight * L_aux`` of the virtual step."""
@@ -97,49 +106,82 @@ class MetaProblem:
         return classification_loss(logits, y, focal_gamma=self.focal_gamma)
 
 
-Engine = Callable[[MetaProblem], Tensor]
-
-
-def scaled_grad(loss: Tensor, inputs: Sequence[Tensor], loss_scale: float | None = None, *, retain_graph: bool = False) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(loss, inputs)`` (None for an input the loss does not reach).
-
-    With ``loss_scale`` (a ``GradScaler``'s scale, a power of two) the backward pass runs on
-    ``loss * loss_scale``, so that half-precision gradients do not underflow, and the result is
-    divided by it again: the same gradient, exactly, unless it overflowed (then it is not finite).
-    """
-    if loss_scale is None:
-        return torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
-    grads = torch.autograd.grad(loss * loss_scale, inputs, retain_graph=retain_graph, allow_unused=True)
-    return tuple(None if g is None else g / loss_scale for g in grads)
-
-
 def virtual_step(params: Mapping[str, Tensor], grads: Sequence[Tensor | None], inner_lr: float) -> dict[str, Tensor]:
     """``theta' = theta - inner_lr * grad``; a parameter without gradient stays as it is."""
     return {name: p if g is None else p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
 
 
-def functional_engine(problem: MetaProblem) -> Tensor:
+class Engine:
+    """A hypergradient engine: how the meta loss's gradient with respect to the targets is computed.
+
+    A subclass implements :meth:`meta_loss` and declares what it can do; the wrapper checks the
+    declarations when it is built (and at :meth:`~auxlab.MetaAuxWrapper.step` for a loss scaler).
+    Calling the engine, ``engine(problem)``, is :meth:`meta_loss`.
+
+    Attributes:
+        name: its name in :data:`ENGINES`.
+        exact: whether the hypergradient is exact (else a first-order approximation).
+        shares_gradient: whether it computes the model step's gradient at theta on the way
+            (:meth:`shared_step`), so that a fused :meth:`~auxlab.MetaAuxWrapper.step` does not
+            compute it twice.
+        distributed: whether it works in data-parallel training (first-order gradients that can be
+            averaged over the ranks).
+        loss_scaling: whether its gradients can be taken on scaled losses (a ``GradScaler``).
+    """
+
+    name: str = ""
+    exact: bool = True
+    shares_gradient: bool = False
+    distributed: bool = False
+    loss_scaling: bool = False
+
+    def meta_loss(self, problem: MetaProblem) -> Tensor:
+        """``L_pri(f_theta'(x_meta), y_meta)``, differentiable with respect to ``problem.targets``."""
+        raise NotImplementedError
+
+    def shared_step(self, problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None) -> SharedStep:
+        """For ``shares_gradient`` engines: the model step's gradient and the meta loss together."""
+        raise NotImplementedError(f"engine={self.name!r} does not share its work with the model step")
+
+    def __call__(self, problem: MetaProblem) -> Tensor:
+        return self.meta_loss(problem)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class FunctionalEngine(Engine):
     """Exact second order on ``torch.func.functional_call`` and ``autograd.grad(create_graph=True)``."""
-    params, buffers = problem.parameters(), problem.buffer_copies()
-    primary, aux = functional_call(problem.net, (params, buffers), (problem.x,))
-    inner = problem.inner_loss(primary, aux, problem.targets)
-    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
-    moved = virtual_step(params, grads, problem.inner_lr)
-    primary_meta, _ = functional_call(problem.net, (moved, buffers), (problem.x_meta,), {"with_aux": False})
-    return problem.primary_loss(primary_meta, problem.y_meta)
+
+    name = "functional"
+
+    def meta_loss(self, problem: MetaProblem) -> Tensor:
+        params, buffers = problem.parameters(), problem.buffer_copies()
+        primary, aux = functional_call(problem.net, (params, buffers), (problem.x,))
+        inner = problem.inner_loss(primary, aux, problem.targets)
+        with record_function("auxlab.gradient.virtual_step"):
+            grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)  # the one second-order graph
+        moved = virtual_step(params, grads, problem.inner_lr)
+        primary_meta, _ = functional_call(problem.net, (moved, buffers), (problem.x_meta,), {"with_aux": False})
+        return problem.primary_loss(primary_meta, problem.y_meta)
 
 
-def higher_engine(problem: MetaProblem) -> Tensor:
+class HigherEngine(Engine):
     """Exact second order on the ``higher`` library's differentiable SGD (``innerloop_ctx``)."""
-    import higher  # type: ignore[import-untyped]
 
-    optimizer = torch.optim.SGD(list(problem.parameters().values()), lr=problem.inner_lr)
-    with higher.innerloop_ctx(problem.net, optimizer, copy_initial_weights=False, track_higher_grads=True) as (fnet, diffopt):
-        primary, aux = fnet(problem.x)
-        diffopt.step(problem.inner_loss(primary, aux, problem.targets))
-        primary_meta, _ = fnet(problem.x_meta, with_aux=False)
-        loss: Tensor = problem.primary_loss(primary_meta, problem.y_meta)
-        return loss
+    name = "higher"
+
+    def meta_loss(self, problem: MetaProblem) -> Tensor:
+        import higher  # type: ignore[import-untyped]
+
+        optimizer = torch.optim.SGD(list(problem.parameters().values()), lr=problem.inner_lr)
+        with higher.innerloop_ctx(problem.net, optimizer, copy_initial_weights=False, track_higher_grads=True) as (fnet, diffopt):
+            primary, aux = fnet(problem.x)
+            with record_function("auxlab.gradient.virtual_step"):
+                diffopt.step(problem.inner_loss(primary, aux, problem.targets))
+            primary_meta, _ = fnet(problem.x_meta, with_aux=False)
+            loss: Tensor = problem.primary_loss(primary_meta, problem.y_meta)
+            return loss
 
 
 DirectionalDerivative = Callable[[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor], dict[str, Tensor]], Tensor]
@@ -165,8 +207,8 @@ def forward_mode(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, 
 
 def central_difference(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:
     """``J_function(at) direction`` by ``(f(at + eps d) - f(at - eps d)) / (2 eps)``, ``eps = 0.01 / ||d||``."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction.values()]))
-    if norm == 0:
+    norm = global_norm(direction.values())
+    if norm is None or norm == 0:
         return torch.zeros_like(function(at))
     eps = FINITE_DIFFERENCE_SCALE / norm
     plus = function({name: p + eps * direction[name] for name, p in at.items()})
@@ -203,7 +245,6 @@ def linearised_step(
     derivative: DirectionalDerivative,
     *,
     at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None,
-    loss_scale: float | None = None,
 ) -> SharedStep:
     """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
 
@@ -212,9 +253,10 @@ def linearised_step(
     along ``u``. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
     (``(primary, aux, buffers)``, with the graph to the parameters and the updated buffer copies).
 
-    ``loss_scale``: a ``GradScaler``'s scale, by which both backward passes run on scaled losses
-    (:func:`scaled_grad`); nothing returned depends on it. The directional derivative runs in
-    float32 (outside autocast), where ``u`` does not underflow.
+    Both backward passes run through ``problem.scaling`` (on scaled losses with a ``GradScaler``;
+    nothing returned depends on the scale), and the gradients at theta and theta' are averaged over
+    ``problem.reducer``'s ranks. The directional derivative runs in float32 (outside autocast),
+    where ``u`` does not underflow.
     """
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
     virtual = problem.parameters()
@@ -225,10 +267,10 @@ def linearised_step(
         else:
             primary, aux, step_buffers = at_theta
         primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
-        gradients = scaled_grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), loss_scale)
+        gradients = problem.scaling.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), label="auxlab.gradient.model")
         primary_loss, aux_loss = primary_loss.detach(), aux_loss.detach()
-        if problem.reducer is not None:  # the gradient of the mean loss over every rank's batch
-            problem.reducer.average_([primary_loss, aux_loss, *(g for g in gradients if g is not None)])
+        # the gradient of the mean loss over every rank's batch
+        problem.reducer.average_([primary_loss, aux_loss, *(g for g in gradients if g is not None)])
         grads: dict[str, Tensor | None] = dict(zip(every, gradients))
         params = {name: p.detach() for name, p in virtual.items()}
         moved = {
@@ -237,13 +279,12 @@ def linearised_step(
         }
         primary_meta, _ = functional_call(problem.net, (moved, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
         meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
-        u_list = scaled_grad(meta_loss, list(moved.values()), loss_scale)
+        u_list = problem.scaling.grad(meta_loss, list(moved.values()), label="auxlab.gradient.meta_loss")
     u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
     meta_loss = meta_loss.detach()
-    share = 1.0
-    if problem.reducer is not None:  # u of the mean meta loss; each rank's targets carry 1/R of the batch
-        problem.reducer.average_([meta_loss, *u.values()])
-        share = 1.0 / problem.reducer.world_size
+    # u of the mean meta loss; each rank's targets carry 1/R of the batch
+    problem.reducer.average_([meta_loss, *u.values()])
+    share = 1.0 / problem.reducer.world_size
 
     def coefficients(at: dict[str, Tensor]) -> Tensor:
         _, aux_at = functional_call(problem.net, (at, problem.buffer_copies()), (problem.x,))
@@ -252,7 +293,7 @@ def linearised_step(
 
     # in float32 even under autocast: a difference quotient in half precision is noise (off by more
     # than 100% under bfloat16), and float32 tangents are more precise (docs/performance.md)
-    with torch.no_grad(), torch.autocast(problem.x.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(problem.x.device.type, enabled=False), record_function("auxlab.directional_derivative"):
         target_gradient = -problem.inner_lr * problem.aux_weight * share * derivative(coefficients, params, u)
     return SharedStep(
         primary=primary.detach(),
@@ -260,27 +301,8 @@ def linearised_step(
         aux_loss=aux_loss,
         grads=grads,
         buffers=step_buffers,
-        surrogate=_LinearSurrogate.apply(meta_loss, problem.targets, target_gradient),  # type: ignore[no-untyped-call]
+        surrogate=attach_gradient(meta_loss, [problem.targets], [target_gradient]),
     )
-
-
-class _LinearSurrogate(torch.autograd.Function):
-    """``value``, with gradient ``gradient`` with respect to ``inputs``.
-
-    Unlike ``value + (inputs * gradient).sum() - (...).detach()``, its value stays ``value`` when
-    ``gradient`` is not finite (a scaled gradient that overflowed), so that a non-finite
-    hypergradient is found as such and not as a non-finite meta loss.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, value: Tensor, inputs: Tensor, gradient: Tensor) -> Tensor:
-        ctx.save_for_backward(gradient)
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[None, Tensor, None]:
-        (gradient,) = ctx.saved_tensors
-        return None, grad_output * gradient, None
 
 
 class GradientsAtTheta(NamedTuple):
@@ -313,33 +335,32 @@ def _losses_at_theta(problem: MetaProblem) -> tuple[Tensor, Tensor, Tensor, dict
     return primary, primary_loss, aux_loss, every, buffers
 
 
-def gradients_at_theta(problem: MetaProblem, loss_scale: float | None = None) -> GradientsAtTheta:
+def gradients_at_theta(problem: MetaProblem) -> GradientsAtTheta:
     """The gradients of ``L_pri`` and of ``L_aux`` on ``(x, y)`` at theta, apart (two backward passes,
-    on scaled losses with ``loss_scale``: :func:`scaled_grad`)."""
+    through ``problem.scaling``)."""
     with torch.enable_grad():
         primary, primary_loss, aux_loss, every, buffers = _losses_at_theta(problem)
-        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, every, loss_scale)
+        g_pri, g_aux = separate_gradients(primary_loss, aux_loss, every, problem.scaling)
     return GradientsAtTheta(primary.detach(), primary_loss.detach(), aux_loss.detach(), g_pri, g_aux, buffers)
 
 
 def separate_gradients(
-    primary_loss: Tensor, aux_loss: Tensor, params: Mapping[str, Tensor], loss_scale: float | None = None
+    primary_loss: Tensor, aux_loss: Tensor, params: Mapping[str, Tensor], scaling: LossScaling
 ) -> tuple[dict[str, Tensor | None], dict[str, Tensor | None]]:
     """``(grad L_pri, grad L_aux)`` for ``params`` by name, apart: two backward passes through one graph
-    (None where a loss does not reach a parameter; on scaled losses with ``loss_scale``:
-    :func:`scaled_grad`). The graph is freed afterwards."""
+    (None where a loss does not reach a parameter; through ``scaling``). The graph is freed afterwards."""
     values = list(params.values())
-    g_pri = scaled_grad(primary_loss, values, loss_scale, retain_graph=True)
-    g_aux = scaled_grad(aux_loss, values, loss_scale)
+    g_pri = scaling.grad(primary_loss, values, label="auxlab.gradient.separate", retain_graph=True)
+    g_aux = scaling.grad(aux_loss, values, label="auxlab.gradient.separate")
     return dict(zip(params, g_pri)), dict(zip(params, g_aux))
 
 
-def gradient_at_theta(problem: MetaProblem, loss_scale: float | None = None) -> dict[str, Tensor | None]:
+def gradient_at_theta(problem: MetaProblem) -> dict[str, Tensor | None]:
     """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at theta by parameter name, in one backward
-    pass (on the scaled loss with ``loss_scale``: :func:`scaled_grad`)."""
+    pass (through ``problem.scaling``)."""
     with torch.enable_grad():
         _, primary_loss, aux_loss, every, _ = _losses_at_theta(problem)
-        grads = scaled_grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), loss_scale)
+        grads = problem.scaling.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), label="auxlab.gradient.model")
     return dict(zip(every, grads))
 
 
@@ -356,34 +377,48 @@ def meta_loss_after(problem: MetaProblem, step: Mapping[str, Tensor]) -> Tensor:
     return problem.primary_loss(primary_meta, problem.y_meta)
 
 
-def linearised_engine(problem: MetaProblem, derivative: DirectionalDerivative) -> Tensor:
-    """An engine on :func:`linearised_step`."""
-    return linearised_step(problem, derivative).surrogate
+class LinearisedEngine(Engine):
+    """An engine on :func:`linearised_step`: first-order gradients and one directional derivative,
+    shared with the model step, averaged over the ranks, and taken on scaled losses with a scaler.
+
+    Args:
+        name: its name in :data:`ENGINES`.
+        derivative: the directional derivative (:func:`forward_mode`, exact, or
+            :func:`central_difference`, first order).
+        exact: whether ``derivative`` is exact.
+    """
+
+    shares_gradient = True
+    distributed = True
+    loss_scaling = True
+
+    def __init__(self, name: str, derivative: DirectionalDerivative, *, exact: bool) -> None:
+        self.name = name
+        self.derivative = derivative
+        self.exact = exact
+
+    def meta_loss(self, problem: MetaProblem) -> Tensor:
+        return linearised_step(problem, self.derivative).surrogate
+
+    def shared_step(self, problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None) -> SharedStep:
+        return linearised_step(problem, self.derivative, at_theta=at_theta)
 
 
-def jvp_engine(problem: MetaProblem) -> Tensor:
-    """Exact, without a second-order graph: one forward-mode Jacobian-vector product."""
-    return linearised_engine(problem, forward_mode)
-
-
-def finite_difference_engine(problem: MetaProblem) -> Tensor:
-    """Approximate (O(eps^2)): two extra forward passes instead of the Jacobian-vector product."""
-    return linearised_engine(problem, central_difference)
-
-
-#: Engines whose work can be shared with the model step (``MetaAuxWrapper.step``), by their derivative.
-SHARED_DERIVATIVES: dict[str, DirectionalDerivative] = {"jvp": forward_mode, "finite_difference": central_difference}
-
+#: Engine name -> engine. ``"jvp"``: exact, one forward-mode Jacobian-vector product (the default);
+#: ``"finite_difference"``: two extra forward passes instead, O(eps^2).
 ENGINES: dict[str, Engine] = {
-    "functional": functional_engine,
-    "higher": higher_engine,
-    "jvp": jvp_engine,
-    "finite_difference": finite_difference_engine,
+    engine.name: engine
+    for engine in (
+        FunctionalEngine(),
+        HigherEngine(),
+        LinearisedEngine("jvp", forward_mode, exact=True),
+        LinearisedEngine("finite_difference", central_difference, exact=False),
+    )
 }
 
 
 def get_engine(name: str) -> Engine:
     """The engine registered as ``name``; a ValueError listing the choices otherwise."""
-    if name not in ENGINES:
+    if not isinstance(name, str) or name not in ENGINES:
         raise ValueError(f"engine={name!r} is not known; choose one of {sorted(ENGINES)}")
     return ENGINES[name]

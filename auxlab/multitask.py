@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 
 
@@ -74,3 +76,50 @@ class MultiTaskNet(nn.Module):
             )
         aux = self.aux_head(captured[0]) if self.aux_head is not None and with_aux else None
         return (primary, aux, captured[0]) if with_features else (primary, aux)
+
+
+def buffer_copies(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of ``module``'s buffers by name, for a forward pass that must not move its running statistics."""
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
+def call_on_buffer_copies(module: nn.Module, *args: Any, method: str = "forward", **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+    """Run ``module`` (its ``method``) on copies of its buffers (BatchNorm statistics); return the
+    output and the updated copies, so that the caller commits them (:func:`commit_buffers`) only once
+    the step succeeded.
+
+    A module without floating-point buffers (no running statistics; e.g. a fixed label table)
+    runs as it is.
+    """
+    if method != "forward":
+        module = _MethodCall(module, method)
+    named = dict(module.named_buffers())
+    buffers = {name: b.clone() for name, b in named.items()} if any(b.is_floating_point() for b in named.values()) else {}
+    if not buffers:
+        return module(*args, **kwargs), {}
+    output = torch.func.functional_call(module, buffers, args, kwargs)
+    if isinstance(module, _MethodCall):
+        buffers = {name.removeprefix("module."): b for name, b in buffers.items()}
+    return output, buffers
+
+
+def commit_buffers(module: nn.Module, updated: Mapping[str, Tensor]) -> None:
+    """Copy the buffers updated by :func:`call_on_buffer_copies` into ``module``."""
+    if not updated:
+        return
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in updated:
+                buffer.copy_(updated[name])
+
+
+class _MethodCall(nn.Module):
+    """Calls ``module.<method>`` as its forward, so that ``functional_call`` can run a method other than ``forward``."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)

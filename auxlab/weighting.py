@@ -29,14 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from auxlab._checks import check_number
+from auxlab._gradients import Scale
+from auxlab.learners.base import MetaLearner
+from auxlab.learners.module_weighting import GradientScaleLearner
 
 __all__ = ["WEIGHTINGS", "AuxWeighting", "ConstantWeighting", "GradientCosineWeighting", "ModuleWeighting", "UncertaintyWeighting"]
 
 #: Weighting name -> class, filled by ``class MyRule(AuxWeighting, name="mine")``.
 WEIGHTINGS: dict[str, type[AuxWeighting]] = {}
-
-#: A scale of the auxiliary gradient: a number, or a 0-d tensor (differentiable for a meta-learned rule).
-Scale = float | Tensor
 
 
 class AuxWeighting(nn.Module):
@@ -44,10 +44,10 @@ class AuxWeighting(nn.Module):
 
     A subclass overrides :meth:`combine` (a loss-level rule) or sets ``needs_gradients = True`` and
     overrides :meth:`gradient_scales` (a gradient-level rule). Its parameters are trained with the
-    model by the user's optimizer (they are in ``wrapper.parameters()``), unless the class sets
-    ``meta_learned = True``: then :meth:`~auxlab.MetaAuxWrapper.meta_step` trains them, bi-level,
-    from the primary loss on the meta batch after a virtual step, and they are left out of
-    ``wrapper.parameters()``.
+    model by the user's optimizer (they are in ``wrapper.parameters()``), unless the class names a
+    meta ``learner`` (:mod:`auxlab.learners`): then :meth:`~auxlab.MetaAuxWrapper.meta_step` trains
+    them through it, bi-level, from the primary loss on the meta batch after a virtual step, and
+    they are left out of ``wrapper.parameters()``.
 
     Giving ``name="..."`` in the class statement registers the class under that name.
     """
@@ -55,11 +55,18 @@ class AuxWeighting(nn.Module):
     name: ClassVar[str | None] = None
     #: Whether :meth:`gradient_scales` is used: the model step computes ``g_pri`` and ``g_aux`` apart.
     needs_gradients: ClassVar[bool] = False
-    #: Whether the meta step learns the rule's parameters (else the user's optimizer does).
+    #: Whether the rule changes the model step from ``L_pri + aux_weight * L_aux`` (every rule but the constant one).
+    reweights: ClassVar[bool] = True
+    #: Whether the rule works in data-parallel training.
+    distributed: ClassVar[bool] = False
+    #: The learner of the rule's parameters in the meta step; None: the user's optimizer trains them.
+    learner: ClassVar[type[MetaLearner] | None] = None
+    #: Whether the meta step learns the rule's parameters (``learner`` is set); derived, not to be set.
     meta_learned: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.meta_learned = cls.learner is not None
         cls.name = name
         if name is not None:
             if name in WEIGHTINGS:
@@ -104,6 +111,9 @@ class AuxWeighting(nn.Module):
 
 class ConstantWeighting(AuxWeighting, name="constant"):
     """``L_pri + aux_weight * L_aux`` at every step: the paper's rule and the default."""
+
+    reweights = False
+    distributed = True
 
 
 class GradientCosineWeighting(AuxWeighting, name="gcs"):
@@ -207,7 +217,7 @@ class ModuleWeighting(AuxWeighting, name="maoal"):
         weights: ``(M,)`` the modules' weights.
     """
 
-    meta_learned = True
+    learner = GradientScaleLearner
     needs_gradients = True
     weights: nn.Parameter
     module_names: tuple[str, ...]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from auxlab import MetaAuxWrapper
+from auxlab.multitask import MultiTaskNet
+
 
 class TinyMLP(nn.Module):
     """Linear -> tanh -> Linear: no BatchNorm. Smooth, so finite differences are accurate."""
@@ -69,3 +72,8 @@ def assert_unchanged(module: nn.Module, before: dict[str, Tensor]) -> None:
     assert after.keys() == before.keys()
     for name, value in before.items():
         assert torch.equal(value, after[name]), f"{name} changed"
+
+
+def multitask(wrapper: MetaAuxWrapper) -> MultiTaskNet:
+    """The wrapper's multi-task network (classifier and auxiliary head), built from its public attributes."""
+    return MultiTaskNet(wrapper.model, wrapper.head_name, wrapper.aux_head)

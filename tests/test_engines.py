@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyBNNet, TinyMLP, assert_unchanged, batch, snapshot
+from helpers import TinyBNNet, TinyMLP, assert_unchanged, batch, multitask, snapshot
 from torch import Tensor, nn
 
 import auxlab.engines
 from auxlab import HierarchyMask, MetaAuxWrapper
-from auxlab.engines import ENGINES, MetaProblem, functional_engine, get_engine, virtual_step
+from auxlab.engines import ENGINES, MetaProblem, get_engine, virtual_step
 from auxlab.generators import MAXLGenerator
 from auxlab.losses import negative_batch_entropy
 
@@ -103,7 +103,9 @@ def hypergradient_matches(grads: list[Tensor], reference: list[Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------------------ fixtures
-def make_wrapper(model_cls: type[nn.Module], engine: str, *, focal_gamma: float = 0.0, seed: int = 0) -> MetaAuxWrapper:
+def make_wrapper(
+    model_cls: type[nn.Module], engine: str, *, focal_gamma: float = 0.0, seed: int = 0, generator_optimizer: Any = None, **kwargs: Any
+) -> MetaAuxWrapper:
     torch.manual_seed(seed)
     model = model_cls(num_classes=NUM_CLASSES).double()
     mask = HierarchyMask(PSI)
@@ -113,13 +115,14 @@ def make_wrapper(model_cls: type[nn.Module], engine: str, *, focal_gamma: float 
         num_classes=NUM_CLASSES,
         mask=mask,
         generator=generator,
-        generator_optimizer=lambda params: torch.optim.SGD(params, lr=0.0),  # keep the hypergradient in .grad
+        generator_optimizer=generator_optimizer or (lambda params: torch.optim.SGD(params, lr=0.0)),  # keep the hypergradient in .grad
         inner_lr=INNER_LR,
         entropy_weight=0.3,
         aux_weight=0.7,
         focal_gamma=focal_gamma,
         engine=engine,
         seed=seed,
+        **kwargs,
     )
 
 
@@ -179,7 +182,7 @@ def test_engines_agree_on_default_generator(model_cls: type[nn.Module]) -> None:
 
 def problem_for(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, targets: Tensor) -> MetaProblem:
     return MetaProblem(
-        net=wrapper._net, x=x, y=y, targets=targets, x_meta=x, y_meta=y, inner_lr=wrapper.inner_lr,
+        net=multitask(wrapper), x=x, y=y, targets=targets, x_meta=x, y_meta=y, inner_lr=wrapper.inner_lr,
         aux_weight=wrapper.aux_weight, focal_gamma=wrapper.focal_gamma,
     )
 
@@ -187,7 +190,7 @@ def problem_for(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, targets: Tensor) 
 def wrong_hypergradient(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, *, detach_targets: bool, entropy: bool) -> list[Tensor]:
     """Hypergradients with known mistakes: targets detached in the virtual step, or no entropy term."""
     targets = wrapper.generator(x, y)
-    meta = functional_engine(problem_for(wrapper, x, y, targets.detach() if detach_targets else targets))
+    meta = ENGINES["functional"](problem_for(wrapper, x, y, targets.detach() if detach_targets else targets))
     objective = meta + (wrapper.entropy_weight * negative_batch_entropy(targets) if entropy else 0.0)
     return list(torch.autograd.grad(objective, list(wrapper.generator.parameters())))
 
@@ -219,11 +222,11 @@ def test_unknown_engine_names_the_choices() -> None:
 def test_engine_changes_nothing_of_the_network(engine: str) -> None:
     wrapper = make_wrapper(TinyBNNet, engine)
     x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
-    before = snapshot(wrapper._net)
+    before = snapshot(multitask(wrapper))
     loss = get_engine(engine)(problem_for(wrapper, x, y, wrapper.generator(x, y)))
     grads = torch.autograd.grad(loss, list(wrapper.generator.parameters()))
-    assert_unchanged(wrapper._net, before)
-    assert all(p.grad is None for p in wrapper._net.parameters())
+    assert_unchanged(multitask(wrapper), before)
+    assert all(p.grad is None for p in multitask(wrapper).parameters())
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     assert not wrapper.model.fc._forward_pre_hooks
 
@@ -243,8 +246,7 @@ def test_frozen_parameters_take_no_virtual_step(frozen: str) -> None:
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_memory_stays_flat_over_many_meta_steps(engine: str) -> None:
     """No graph, gradient or tensor outlives a meta step: the count of live tensors stays constant."""
-    wrapper = make_wrapper(TinyBNNet, engine)
-    wrapper._generator_optimizer = torch.optim.Adam(wrapper.generator.parameters(), lr=1e-3)
+    wrapper = make_wrapper(TinyBNNet, engine, generator_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
     x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
 
     def live_tensors() -> int:
@@ -276,8 +278,8 @@ def test_finite_difference_error_shrinks_quadratically_with_eps(model_cls: type[
 
 def test_meta_every_one_is_the_default_and_k_skips_the_calls_between() -> None:
     x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
-    default, every_one = make_wrapper(TinyBNNet, "jvp"), make_wrapper(TinyBNNet, "jvp")
-    every_one.meta_every = 1
+    default, every_one = make_wrapper(TinyBNNet, "jvp"), make_wrapper(TinyBNNet, "jvp", meta_every=1)
+    assert default.meta_every == every_one.meta_every == 1
     assert torch.equal(default.meta_step(x, y), every_one.meta_step(x, y))
 
     torch.manual_seed(0)
@@ -295,8 +297,7 @@ def test_meta_every_one_is_the_default_and_k_skips_the_calls_between() -> None:
 def test_virtual_step_over_every_parameter_equals_the_default(engine: str) -> None:
     x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
     exact = engine_hypergradient(make_wrapper(TinyBNNet, engine), x, y)
-    wrapper = make_wrapper(TinyBNNet, engine)
-    wrapper._virtual_params = wrapper._select_virtual_params(["model", "aux_head"])
+    wrapper = make_wrapper(TinyBNNet, engine, virtual_params=["model", "aux_head"])
     assert max_difference(engine_hypergradient(wrapper, x, y), exact) == 0.0
 
 
@@ -304,9 +305,8 @@ def test_virtual_step_over_a_subset_agrees_across_engines_and_differs_from_all()
     x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
     grads = {}
     for engine in sorted(ENGINES):
-        wrapper = make_wrapper(TinyBNNet, engine)
-        wrapper._virtual_params = wrapper._select_virtual_params(["aux_head", "model.fc"])
-        assert wrapper._virtual_params == {"aux_head.weight", "aux_head.bias", "model.fc.weight", "model.fc.bias"}
+        wrapper = make_wrapper(TinyBNNet, engine, virtual_params=["aux_head", "model.fc"])
+        assert wrapper.virtual_params == {"aux_head.weight", "aux_head.bias", "model.fc.weight", "model.fc.bias"}
         grads[engine] = engine_hypergradient(wrapper, x, y)
     for engine in EXACT_ENGINES:
         assert max_difference(grads["functional"], grads[engine]) <= TOLERANCE, engine
@@ -375,24 +375,26 @@ def test_jvp_names_the_fix_when_an_operation_has_no_forward_mode_derivative() ->
 def test_the_directional_derivative_runs_in_float32_under_bfloat16_autocast(engine: str) -> None:
     from helpers import TinyCNN, image_batch
 
-    from auxlab.engines import SHARED_DERIVATIVES, linearised_step
+    from auxlab.engines import central_difference, forward_mode, linearised_step
+
+    derivatives = {"jvp": forward_mode, "finite_difference": central_difference}
 
     torch.manual_seed(0)
     wrapper = MetaAuxWrapper(TinyCNN(channels=8), num_classes=10, psi=5)
     x, y = image_batch(32)
     targets = wrapper.aux_targets(x, y).requires_grad_()
-    problem = MetaProblem(net=wrapper._net, x=x, y=y, targets=targets, x_meta=x, y_meta=y, inner_lr=0.01, aux_weight=1.0, focal_gamma=0.0)
+    problem = MetaProblem(net=multitask(wrapper), x=x, y=y, targets=targets, x_meta=x, y_meta=y, inner_lr=0.01, aux_weight=1.0, focal_gamma=0.0)
 
     def target_gradient(derivative: Any, autocast: bool) -> Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             surrogate = linearised_step(problem, derivative).surrogate
         return torch.autograd.grad(surrogate, targets)[0]
 
-    exact = target_gradient(SHARED_DERIVATIVES["jvp"], autocast=False)
+    exact = target_gradient(derivatives["jvp"], autocast=False)
     seen: list[torch.dtype] = []
 
     def recording(function: Any, at: dict[str, Tensor], direction: dict[str, Tensor]) -> Tensor:
-        result = SHARED_DERIVATIVES[engine](function, at, direction)
+        result = derivatives[engine](function, at, direction)
         seen.append(result.dtype)
         assert not torch.is_autocast_enabled("cpu")
         return result

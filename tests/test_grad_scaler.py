@@ -89,12 +89,12 @@ def _grad_outputs(monkeypatch: pytest.MonkeyPatch, scaler: GradScaler | None, **
     [
         # the gradient at theta, u at theta' and the generator's hypergradient
         ({}, 3),
-        # the two gradients that the cosine compares
-        ({"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "gcs"}, 2),
+        # the two gradients that the cosine compares, and the model step's gradient of their weighted sum
+        ({"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "gcs"}, 3),
         # the two gradients at theta and the weights' hypergradient
         ({"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "maoal"}, 3),
-        # the virtual step's gradient and the policy gradient
-        ({"generator": "rl"}, 2),
+        # the virtual step's gradient, the policy gradient and the model step's gradient
+        ({"generator": "rl"}, 3),
     ],
     ids=["maxl", "gcs", "maoal", "rl"],
 )

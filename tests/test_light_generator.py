@@ -261,14 +261,14 @@ def test_the_wrapper_runs_no_extra_classifier_forward_for_the_targets(engine: st
 
 
 # ------------------------------------------------------------------------------ the hypergradient
-def light_wrapper(model_cls: type[nn.Module], engine: str, *, seed: int = 0) -> MetaAuxWrapper:
+def light_wrapper(model_cls: type[nn.Module], engine: str, *, seed: int = 0, generator_lr: float = 0.0) -> MetaAuxWrapper:
     torch.manual_seed(seed)
     return MetaAuxWrapper(
         model_cls(num_classes=NUM_CLASSES).double(),
         num_classes=NUM_CLASSES,
         psi=PSI,
         generator="maxl-light",
-        generator_optimizer=lambda params: torch.optim.SGD(params, lr=0.0),  # keep the hypergradient in .grad
+        generator_optimizer=lambda params: torch.optim.SGD(params, lr=generator_lr),  # lr 0 keeps the hypergradient in .grad
         inner_lr=INNER_LR,
         entropy_weight=0.3,
         aux_weight=0.7,
@@ -314,8 +314,7 @@ def test_hypergradient_matches_finite_differences_of_the_meta_objective() -> Non
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_training_steps_the_mlp_and_never_the_classifier_through_the_generator(engine: str) -> None:
-    wrapper = light_wrapper(TinyBNNet, engine)
-    wrapper._generator_optimizer = torch.optim.SGD(wrapper.generator.parameters(), lr=0.1)
+    wrapper = light_wrapper(TinyBNNet, engine, generator_lr=0.1)
     x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
     model_before, mlp_before = snapshot(wrapper.model), snapshot(wrapper.generator)
     wrapper.meta_step(x, y)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from auxlab import AuxLabelGenerator, HierarchyMask, MetaAuxWrapper
 from auxlab.generators import GENERATORS, PolicyLabels
+from auxlab.learners import HypergradientLearner, PolicyGradientLearner
 
 PSI = [2, 3, 1]
 MASK = HierarchyMask(PSI)
@@ -52,7 +53,7 @@ def flat_grad(objective: Tensor, generator: PolicyLabels) -> Tensor:
 def test_registered_as_rl_with_its_declarations() -> None:
     assert GENERATORS["rl"] is PolicyLabels and PolicyLabels.name == "rl"
     assert PolicyLabels.seeded and PolicyLabels.reads_features and not PolicyLabels.needs_index
-    assert PolicyLabels.learns_by == "policy_gradient" and AuxLabelGenerator.learns_by == "hypergradient"
+    assert PolicyLabels.learner is PolicyGradientLearner and AuxLabelGenerator.learner is HypergradientLearner
     generator = policy()
     assert generator.learns
 

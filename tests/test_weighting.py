@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from auxlab import AuxLabelGenerator, HierarchyMask, MetaAuxWrapper
 from auxlab.engines import MetaProblem, gradients_at_theta, meta_loss_after
 from auxlab.weighting import WEIGHTINGS, AuxWeighting, GradientCosineWeighting, ModuleWeighting, UncertaintyWeighting
-from tests.helpers import TinyMLP, batch, snapshot
+from tests.helpers import TinyMLP, batch, multitask, snapshot
 
 
 class SignLabels(AuxLabelGenerator):
@@ -36,7 +36,7 @@ def grads_of(wrapper: MetaAuxWrapper, loss: Tensor) -> dict[str, Tensor]:
 
 def separate_gradients(wrapper: MetaAuxWrapper, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``grad L_pri`` and ``grad L_aux`` by the wrapper's parameter names, computed by hand."""
-    net = wrapper._net
+    net = multitask(wrapper)
     primary, aux = net(x)
     targets = wrapper.aux_targets(x, y)
     l_pri = nn.functional.cross_entropy(primary, y)
@@ -153,7 +153,7 @@ def test_uncertainty_weighting_is_the_kendall_loss_and_trains_with_the_model() -
     assert isinstance(wrapper.weighting, UncertaintyWeighting)
     with torch.no_grad():
         wrapper.weighting.log_variances.copy_(torch.tensor([0.5, -1.0]))
-    primary, aux = wrapper._net(x)
+    primary, aux = multitask(wrapper)(x)
     l_pri = nn.functional.cross_entropy(primary, y)
     l_aux = -(wrapper.aux_targets(x, y) * torch.log_softmax(aux, 1)).sum(1).mean()
     expected = torch.exp(torch.tensor(-0.5, dtype=torch.float64)) * l_pri + 0.25 + torch.exp(torch.tensor(1.0, dtype=torch.float64)) * l_aux - 0.5
@@ -212,7 +212,7 @@ def test_maoal_scales_the_auxiliary_gradient_per_module() -> None:
 def maoal_meta_loss(wrapper: MetaAuxWrapper, weights: Tensor, x: Tensor, y: Tensor, x_meta: Tensor, y_meta: Tensor) -> Tensor:
     """The MAOAL meta objective as a function of the weights, written out by hand."""
     problem = MetaProblem(
-        net=wrapper._net, x=x, y=y, targets=wrapper.aux_targets(x, y), x_meta=x_meta, y_meta=y_meta,
+        net=multitask(wrapper), x=x, y=y, targets=wrapper.aux_targets(x, y), x_meta=x_meta, y_meta=y_meta,
         inner_lr=wrapper.inner_lr, aux_weight=wrapper.aux_weight, focal_gamma=0.0,
     )
     at_theta = gradients_at_theta(problem)
@@ -257,7 +257,7 @@ def test_maoal_weighting_optimizer_state_is_checkpointed() -> None:
     x, y = batch(10, dtype=torch.float64)
     wrapper.meta_step(x, y, *batch(10, seed=3, dtype=torch.float64))
     state = wrapper.state_dict()
-    assert state["_extra_state"]["weighting_optimizer"]["state"]  # Adam moments
+    assert state["_extra_state"]["meta_learner"]["optimizer"]["state"]  # Adam moments
     other = make("maoal", seed=1)
     other.load_state_dict(state)
     assert other.weighting_optimizer is not None

@@ -8,7 +8,7 @@ import io
 import hypothesis.strategies as st
 import pytest
 import torch
-from helpers import TinyBNNet, TinyCNN, TinyMLP, assert_unchanged, batch, image_batch, snapshot
+from helpers import TinyBNNet, TinyCNN, TinyMLP, assert_unchanged, batch, image_batch, multitask, snapshot
 from hypothesis import given
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,7 +70,7 @@ def test_aux_head_reads_the_heads_input_on_its_device_and_dtype() -> None:
     assert wrapper.aux_head.weight.dtype == torch.float64
     x, _ = batch(4, dtype=torch.float64)
     features = torch.tanh(model.hidden(x))
-    primary, aux = wrapper._net(x)
+    primary, aux = multitask(wrapper)(x)
     assert torch.allclose(aux, wrapper.aux_head(features))
     assert torch.equal(primary, model(x))
 
@@ -163,7 +163,7 @@ def test_loss_is_primary_plus_weighted_auxiliary(focal_gamma: float) -> None:
     wrapper = MetaAuxWrapper(model, num_classes=3, psi=[1, 2, 3], aux_weight=0.4, focal_gamma=focal_gamma)
     x, y = batch(6)
     targets = wrapper.aux_targets(x, y)
-    primary, aux = wrapper._net(x)
+    primary, aux = multitask(wrapper)(x)
     expected = classification_loss(primary, y, focal_gamma=focal_gamma) + 0.4 * classification_loss(aux, targets, focal_gamma=focal_gamma)
     assert torch.allclose(wrapper.loss(x, y), expected)
 
@@ -198,12 +198,12 @@ def test_meta_step_changes_only_the_generator(engine: str) -> None:
     x, y = batch(6)
     wrapper.loss(x, y).backward()
     opt.step()
-    net_before, grads_before = snapshot(wrapper._net), [p.grad.clone() for p in wrapper.parameters()]
+    net_before, grads_before = snapshot(multitask(wrapper)), [p.grad.clone() for p in wrapper.parameters()]
     opt_before = [s["momentum_buffer"].clone() for s in opt.state.values()]
     generator_before = snapshot(wrapper.generator)
     value = wrapper.meta_step(x, y)
     assert value is not None and value.dim() == 0 and torch.isfinite(value)
-    assert_unchanged(wrapper._net, net_before)
+    assert_unchanged(multitask(wrapper), net_before)
     assert all(torch.equal(p.grad, g) for p, g in zip(wrapper.parameters(), grads_before))
     assert all(torch.equal(s["momentum_buffer"], b) for s, b in zip(opt.state.values(), opt_before))
     assert any(not torch.equal(v, snapshot(wrapper.generator)[k]) for k, v in generator_before.items() if v.is_floating_point())
@@ -371,7 +371,7 @@ def test_shapes_for_any_hierarchy_and_batch(psi: list[int], batch_size: int, see
     targets = wrapper.aux_targets(x, y)
     assert targets.shape == (batch_size, sum(psi))
     assert bool((targets * ~wrapper.mask.rows(y)).eq(0).all())
-    primary, aux = wrapper._net(x)
+    primary, aux = multitask(wrapper)(x)
     assert primary.shape == (batch_size, num_classes) and aux.shape == (batch_size, sum(psi))
     loss = wrapper.loss(x, y)
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -528,18 +528,26 @@ def test_same_seed_same_training_run_for_every_strategy(name: str) -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_engine_can_be_switched_after_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_is_fixed_at_construction_and_every_meta_step_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import auxlab.engines
 
     used = []
-    for name, engine in list(auxlab.engines.ENGINES.items()):
-        monkeypatch.setitem(auxlab.engines.ENGINES, name, lambda problem, name=name, engine=engine: used.append(name) or engine(problem))
-    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2, engine="functional")
+
+    class Counting(auxlab.engines.FunctionalEngine):
+        name = "counting"
+
+        def meta_loss(self, problem: auxlab.engines.MetaProblem) -> torch.Tensor:
+            used.append(self.name)
+            return super().meta_loss(problem)
+
+    monkeypatch.setitem(auxlab.engines.ENGINES, "counting", Counting())
+    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2, engine="counting")
     x, y = batch(6)
     wrapper.meta_step(x, y)
-    wrapper.engine = "jvp"
+    with pytest.raises(AttributeError):
+        wrapper.engine = "jvp"  # type: ignore[misc]
     wrapper.meta_step(x, y)
-    assert used == ["functional", "jvp"]
+    assert wrapper.engine == "counting" and used == ["counting", "counting"]
 
 
 def test_a_fixed_generator_with_batchnorm_does_not_move_its_statistics() -> None:

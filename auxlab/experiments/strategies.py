@@ -8,7 +8,8 @@ optionally followed by ``+`` and an auxiliary-loss weighting (any name of
 What a run needs is read from the generator's and the weighting's classes, never from their names:
 
 - a development split, when the meta step learns from the primary loss on held-out batches
-  (a ``meta_learned`` weighting, or a generator that ``learns_by == "policy_gradient"``);
+  (a learner that declares ``held_out_meta_batch``: a ``meta_learned`` weighting, or a
+  policy-gradient generator);
 - its own hierarchy, when the generator ``augments`` the batch (SLA: one sub-class per
   transformation, whatever the experiment's ``psi``);
 - the collapse diagnostic and the sub-class grid, for every strategy with auxiliary labels except
@@ -88,7 +89,8 @@ class Strategy:
         """Whether the meta step learns from the primary loss on a development split: a meta-learned
         weighting (``maoal``) or a policy-gradient generator (``rl``)."""
         cls = self.generator_class
-        return WEIGHTINGS[self.weighting].meta_learned or (cls is not None and cls.learns_by == "policy_gradient")
+        learners = [WEIGHTINGS[self.weighting].learner, cls.learner if cls is not None else None]
+        return any(learner is not None and learner.held_out_meta_batch for learner in learners)
 
     @property
     def has_label_diagnostics(self) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from auxlab.hierarchy import HierarchyMask
+from auxlab.learners.base import MetaLearner
+from auxlab.learners.hypergradient import HypergradientLearner
 
 if TYPE_CHECKING:
     from auxlab.data import TrainingData
@@ -31,7 +33,8 @@ class AuxLabelGenerator(nn.Module):
     A subclass implements :meth:`forward` and returns, for each sample, a probability vector over
     the ``K = mask.num_aux_classes`` auxiliary classes that is zero outside the sample's own block
     (``mask.softmax`` does this for learned scores). If the subclass has trainable parameters,
-    :class:`~auxlab.MetaAuxWrapper` meta-trains them in ``meta_step``; otherwise its labels are fixed.
+    :class:`~auxlab.MetaAuxWrapper` meta-trains them in ``meta_step`` through its ``learner``;
+    otherwise its labels are fixed.
 
     What a strategy needs is declared on the class and checked by the wrapper:
 
@@ -40,8 +43,11 @@ class AuxLabelGenerator(nn.Module):
     - ``reads_features``: ``forward`` reads the classifier's head input instead of ``x``.
     - ``augments``: the auxiliary task is posed on transformed copies of the batch (SLA):
       the wrapper calls :meth:`augment` and trains the auxiliary head on its result.
-    - ``learns_by``: how trainable parameters learn: ``"hypergradient"`` (MAXL's meta step) or
-      ``"policy_gradient"`` (REINFORCE through :meth:`sample` and :meth:`policy_objective`).
+    - ``learner``: the class that learns the trainable parameters in the meta step
+      (:mod:`auxlab.learners`): :class:`~auxlab.learners.hypergradient.HypergradientLearner`
+      (MAXL's hypergradient; the default) or
+      :class:`~auxlab.learners.policy_gradient.PolicyGradientLearner` (REINFORCE through
+      :meth:`sample` and :meth:`policy_objective`), or one of your own.
 
     Giving ``name="..."`` in the class statement registers the class under that name, so that
     ``MetaAuxWrapper(generator="...")`` can build it through :meth:`from_wrapper`.
@@ -60,8 +66,8 @@ class AuxLabelGenerator(nn.Module):
     reads_features: ClassVar[bool] = False
     #: Whether the auxiliary head trains on :meth:`augment`'s transformed copies of the batch.
     augments: ClassVar[bool] = False
-    #: How the meta step trains the strategy's parameters (if it has any).
-    learns_by: ClassVar[Literal["hypergradient", "policy_gradient"]] = "hypergradient"
+    #: What learns the strategy's trainable parameters (if it has any) in the meta step.
+    learner: ClassVar[type[MetaLearner]] = HypergradientLearner
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,7 +165,7 @@ class AuxLabelGenerator(nn.Module):
         return None
 
     def sample(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """For ``learns_by = "policy_gradient"``: sampled targets and their log-probabilities.
+        """For a policy-gradient ``learner``: sampled targets and their log-probabilities.
 
         Returns:
             ``(targets, log_prob)``: ``(B, K)`` targets, detached, zero outside each block, and the
@@ -169,7 +175,7 @@ class AuxLabelGenerator(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} learns by policy gradient and must implement sample(x, y, index=None)")
 
     def policy_objective(self, log_prob: Tensor, reward: Tensor) -> Tensor:
-        """For ``learns_by = "policy_gradient"``: the scalar whose gradient is the REINFORCE estimate.
+        """For a policy-gradient ``learner``: the scalar whose gradient is the REINFORCE estimate.
 
         The meta step minimises it; ``reward`` (a detached scalar) is the decrease of the primary
         loss on the meta batch that the sampled targets' virtual step achieved. Called with the

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from auxlab.generators._features import FeatureReader, check_features, feature_mlp
 from auxlab.hierarchy import HierarchyMask
+from auxlab.learners.policy_gradient import PolicyGradientLearner
 
 __all__ = ["PolicyLabels"]
 
@@ -65,7 +66,7 @@ class PolicyLabels(FeatureReader, name="rl"):
         seed: seeds the MLP's initialisation and the draws; the caller's random state is left as it was.
     """
 
-    learns_by = "policy_gradient"
+    learner = PolicyGradientLearner
     net: nn.Sequential
     baseline: Tensor
     num_rewards: Tensor

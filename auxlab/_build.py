@@ -1,0 +1,172 @@
+"""Building a :class:`~auxlab.MetaAuxWrapper`'s parts from its arguments, each checked with a clear
+error before anything is built on it."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from auxlab.context import strategy_name
+from auxlab.distributed import LocalReducer, Reducer
+from auxlab.engines import ENGINES, Engine, get_engine
+from auxlab.generators import GENERATORS, AuxLabelGenerator
+from auxlab.hierarchy import HierarchyMask
+from auxlab.learners.base import MetaLearner, OptimizerFactory
+from auxlab.weighting import AuxWeighting
+
+SINGLE_TASK = "single"
+
+
+def build_mask(psi: int | Sequence[int] | None, mask: HierarchyMask | None, num_classes: int) -> HierarchyMask:
+    """The hierarchy from ``psi`` (default 5 for every class) or ``mask``, not both."""
+    if mask is not None:
+        if psi is not None:
+            raise ValueError("give psi or mask, not both")
+        if not isinstance(mask, HierarchyMask):
+            raise TypeError(f"mask must be a HierarchyMask, got {type(mask).__name__}")
+        if mask.num_classes != num_classes:
+            raise ValueError(f"mask has {mask.num_classes} classes (psi={list(mask.psi)}) but num_classes={num_classes}")
+        return mask
+    if psi is None:
+        psi = 5
+    if isinstance(psi, numbers.Integral) and not isinstance(psi, bool):
+        return HierarchyMask.uniform(num_classes, int(psi))
+    built = HierarchyMask(psi)  # type: ignore[arg-type]
+    if built.num_classes != num_classes:
+        raise ValueError(f"psi has {built.num_classes} entries but num_classes={num_classes}; give one sub-class count per class, or a single int for all")
+    return built
+
+
+def build_engine(engine: str, distributed: bool | dist.ProcessGroup) -> Engine:
+    """The engine named ``engine``, refused if training is distributed and it cannot be."""
+    built = get_engine(engine)  # a clear error now rather than at the first meta step
+    if distributed is not False and not built.distributed:
+        choices = " or ".join(repr(name) for name, e in ENGINES.items() if e.distributed)
+        raise ValueError(
+            f"distributed training needs engine={choices}, got engine={engine!r}: "
+            "only they write the hypergradient from gradients that can be averaged over the ranks"
+        )
+    return built
+
+
+def build_reducer(distributed: bool | dist.ProcessGroup) -> LocalReducer:
+    """The ranks' collective operations: a stand-in for one process, or over the given group."""
+    return LocalReducer() if distributed is False else Reducer(None if distributed is True else distributed)
+
+
+def build_generator(
+    generator: str | AuxLabelGenerator, kwargs: Mapping[str, Any] | None, mask: HierarchyMask, *, model: nn.Module, head_name: str, seed: int
+) -> AuxLabelGenerator | None:
+    """The strategy ``generator`` names (built with ``kwargs``), the given instance, or None for single task."""
+    if isinstance(generator, str) and generator == SINGLE_TASK:
+        if kwargs:
+            raise ValueError("generator_kwargs has no meaning with generator='single'")
+        return None
+    if isinstance(generator, AuxLabelGenerator):
+        if kwargs:
+            raise ValueError("generator_kwargs is only for a generator given by name; configure the instance directly")
+        if generator.mask != mask:
+            raise ValueError(f"the generator's hierarchy psi={list(generator.mask.psi)} differs from the wrapper's psi={list(mask.psi)}")
+        return generator
+    if not isinstance(generator, str):
+        raise TypeError(f"generator must be a strategy name or an AuxLabelGenerator, got {type(generator).__name__}")
+    if generator not in GENERATORS:
+        raise ValueError(f"generator={generator!r} is not known; choose one of {sorted(GENERATORS) + [SINGLE_TASK]} or pass an AuxLabelGenerator")
+    try:
+        return GENERATORS[generator].from_wrapper(mask, model=model, head_name=head_name, default_seed=seed, **dict(kwargs or {}))
+    except TypeError as error:
+        raise TypeError(f"could not build generator={generator!r} from generator_kwargs={dict(kwargs or {})}: {error}") from error
+
+
+def build_learner(
+    generator: AuxLabelGenerator | None, weighting: AuxWeighting, *, generator_optimizer: OptimizerFactory | None,
+    weighting_optimizer: OptimizerFactory | None, meta_every: int,
+) -> MetaLearner | None:
+    """The learner of whatever learns in the meta step (the strategy's labels or the weighting), or None."""
+    learnable = [p for p in generator.parameters() if p.requires_grad] if generator is not None else []
+    if learnable and generator is not None:
+        return generator.learner(generator, optimizer=(generator_optimizer or generator.learner.default_optimizer)(learnable), meta_every=meta_every)
+    weights = [p for p in weighting.parameters() if p.requires_grad]
+    if weighting.learner is not None and weights:
+        return weighting.learner(weighting, optimizer=(weighting_optimizer or weighting.learner.default_optimizer)(weights), meta_every=meta_every)
+    return None
+
+
+def check_strategy(generator: AuxLabelGenerator | None, weighting: AuxWeighting, reducer: LocalReducer) -> None:
+    """Refuse what the strategy and the weighting declare they cannot do together (the learner checks its own needs)."""
+    if generator is None:
+        if weighting.reweights:
+            raise ValueError(f"weighting={strategy_name(weighting)!r} needs an auxiliary loss to weight; generator='single' has none")
+        return
+    if reducer.distributed and not weighting.distributed:
+        raise ValueError(f"distributed training does not support weighting={strategy_name(weighting)!r}; use weighting='constant'")
+    if generator.augments and (generator.learns or generator.needs_index):
+        raise ValueError(f"generator={strategy_name(generator)!r} augments the batch, so it can neither learn nor read dataset indices")
+
+
+def select_virtual_params(prefixes: Sequence[str] | None, named: Mapping[str, Tensor]) -> frozenset[str] | None:
+    """The names of ``named`` (trainable parameters) that ``prefixes`` select, for ``virtual_params``."""
+    if prefixes is None:
+        return None
+    if isinstance(prefixes, str) or not all(isinstance(p, str) for p in prefixes) or not prefixes:
+        raise TypeError(f"virtual_params must be a non-empty list of parameter names or prefixes, got {prefixes!r}")
+    chosen: set[str] = set()
+    for prefix in prefixes:
+        matched = {n for n in named if n == prefix or n.startswith(prefix.rstrip(".") + ".")}
+        if not matched:
+            tops = sorted({n.rsplit(".", 1)[0] for n in named})
+            raise ValueError(f"virtual_params entry {prefix!r} matches no trainable parameter; modules with parameters: {tops}")
+        chosen |= matched
+    return frozenset(chosen)
+
+
+def learner_state(state: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The meta learner's part of a wrapper's extra state (format 1 kept an optimizer state apart)."""
+    if state["format"] == 1:
+        optimizer = state["generator_optimizer"] if state["generator_optimizer"] is not None else state.get("weighting_optimizer")
+        return None if optimizer is None else {"optimizer": optimizer}
+    learner: Mapping[str, Any] | None = state["meta_learner"]
+    return learner
+
+
+def check_state_fits(own: Mapping[str, Any], state_dict: Mapping[str, Any], *, strict: bool) -> None:
+    """A ValueError, before anything is loaded, if ``state_dict`` does not fit ``own`` (keys and shapes)."""
+    if strict:
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not fit this wrapper: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if isinstance(v, Tensor) and k in own and isinstance(own[k], Tensor) and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"state_dict does not fit this wrapper's shapes: {wrong[:5]}")
+
+
+def head_parameter(model: nn.Module, head_name: str) -> Tensor:
+    """The primary head's weight: its device and dtype are the model's."""
+    head = model.get_submodule(head_name)
+    assert isinstance(head, nn.Linear)
+    return head.weight
+
+
+def new_aux_head(model: nn.Module, head_name: str, num_aux_classes: int) -> nn.Linear:
+    """The auxiliary head: an ``nn.Linear`` from the primary head's input to the K auxiliary classes (not initialised here)."""
+    weight = head_parameter(model, head_name)
+    return nn.Linear(weight.shape[1], num_aux_classes, device=weight.device, dtype=weight.dtype)
+
+
+def check_scaler(scaler: object) -> torch.amp.GradScaler | None:
+    """``scaler`` if it is an enabled GradScaler; None if none or disabled."""
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    return scaler if scaler.is_enabled() else None

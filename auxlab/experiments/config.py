@@ -1,11 +1,9 @@
-"""The experiment configuration: one frozen dataclass, loadable from JSON, overridable from the command line.
+"""The experiment configuration: one frozen dataclass, checked when built, read from and written to JSON.
 
-This is the only module of auxlab that uses ``argparse``. Every field of :class:`ExperimentConfig`
-is a command-line option (``batch_size`` is ``--batch-size``); ``--config file.json`` loads a JSON
-object of fields first, ``--smoke`` applies a seconds-long budget on top of it, and options given
-on the command line win over both::
-
-    python -m auxlab.experiments --config base.json --smoke --strategies single,maxl
+Every field of :class:`ExperimentConfig` is also a command-line option (``batch_size`` is
+``--batch-size``); the command line is :mod:`auxlab.experiments.cli`'s, and the conversion of a
+field's value from a string is :mod:`auxlab.experiments.conversion`'s. A run's ``config.json`` is
+:meth:`ExperimentConfig.to_dict` as JSON, and :func:`load_config` reads such a file back.
 
 Values are checked when the config is built, and an error names the field, the value received
 and what is allowed: ``ConfigError("epochs must be an integer >= 1, got 0")``.
@@ -13,32 +11,46 @@ and what is allowed: ``ConfigError("epochs must be an integer >= 1, got 0")``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
+import functools
 import json
-import math
 import os
-import sys
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["RESUME_MAY_DIFFER", "SMOKE", "ConfigError", "ExperimentConfig", "build_parser", "load_config", "parse_args", "resume_differences"]
+from auxlab.engines import ENGINES
+from auxlab.experiments.conversion import convert, jsonable
+from auxlab.experiments.errors import ConfigError
+from auxlab.experiments.strategies import Strategy
+from auxlab.generators import GENERATORS
+from auxlab.weighting import WEIGHTINGS
+
+if TYPE_CHECKING:
+    from auxlab.experiments.cli import build_parser, parse_args
+
+__all__ = [
+    "RESUME_MAY_DIFFER",
+    "SMOKE",
+    "ConfigError",
+    "ExperimentConfig",
+    "build_parser",
+    "field_default",
+    "load_config",
+    "parse_args",
+    "resume_differences",
+]
 
 DATASETS = ("digits", "fashion-mnist", "folder")
 TASKS = ("fine", "coarse")
+IMAGE_MODES = ("L", "RGB")
 SCHEDULES = ("per-batch", "alternating")
 AUTOCAST_DTYPES = ("bf16", "fp16")
 GENERATOR_OPTIMIZERS = ("sgd", "adam")
 BUILTIN_MODELS = ("small-cnn", "vgg-bn")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the value received."""
 
 
 def _help(text: str) -> dict[str, str]:
@@ -95,7 +107,8 @@ class ExperimentConfig:
         "sub-classes per primary class: one int for all classes or one per class; none: the dataset's fine-label hierarchy if it has one "
         "(fashion-mnist coarse: 4,1,1,3,1), else 5"))
     kmeans_features: str = field(default="pixels", metadata=_help(
-        "features k-means clusters: pixels (the flattened inputs) or package.module:function mapping a batch x to (B, D) features"))
+        "features k-means clusters: pixels (the flattened inputs) or package.module:function mapping a batch x to (B, D) features, "
+        "given as features= to every generator whose constructor takes it"))
     # --- training
     schedule: str = field(default="per-batch", metadata=_help(
         "per-batch: a model step and a meta step on every batch, wrapper.step (the paper's algorithm); alternating: an epoch of model steps, "
@@ -149,7 +162,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _convert(f.name, getattr(self, f.name), hints[f.name]))
+            value = convert(f.name, getattr(self, f.name), hints[f.name], default=functools.partial(field_default, f.name))
+            object.__setattr__(self, f.name, value)
         self._validate()
 
     # ----------------------------------------------------------------------------------- checks
@@ -160,7 +174,7 @@ class ExperimentConfig:
             raise ConfigError(f"task='coarse' exists only for dataset='fashion-mnist', got dataset={self.dataset!r}; use task='fine'")
         if self.dataset == "folder" and not self.data_root:
             raise ConfigError("dataset='folder' needs data_root, the directory holding train/<class>/*.png and test/<class>/*.png")
-        _choice("image_mode", self.image_mode, ("L", "RGB"))
+        _choice("image_mode", self.image_mode, IMAGE_MODES)
         _at_least("image_size", self.image_size, 1)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
@@ -202,8 +216,6 @@ class ExperimentConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
-        from auxlab.engines import ENGINES
-
         _choice("engine", self.engine, sorted(ENGINES))
         if self.autocast is not None:
             _choice("autocast", self.autocast, AUTOCAST_DTYPES)
@@ -222,10 +234,6 @@ class ExperimentConfig:
             raise ConfigError("name must be given with resume=True: the experiment to continue is <out>/<name>; got name=None")
 
     def _validate_strategies(self) -> None:
-        from auxlab.experiments.strategies import Strategy
-        from auxlab.generators import GENERATORS
-        from auxlab.weighting import WEIGHTINGS
-
         if not self.strategies:
             raise ConfigError("strategies must name at least one strategy, e.g. strategies=single,maxl")
         _no_duplicates("strategies", self.strategies)
@@ -245,7 +253,7 @@ class ExperimentConfig:
     # ----------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-ready values (tuples become lists); ``from_dict`` reads it back."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
@@ -297,88 +305,8 @@ SMOKE: dict[str, Any] = {
 """The ``--smoke`` budget: enough to check that a configuration runs end to end, in seconds."""
 
 
-# --------------------------------------------------------------------------------------- value conversion
-def _convert(name: str, value: Any, annotation: Any) -> Any:
-    """Convert ``value`` (a Python value, or a string from the command line) to the field's type."""
-    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
-    optional = type(None) in options
-    kind = next(o for o in options if o is not type(None))
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
-        return None
-    if value is None:
-        raise ConfigError(f"{name} must not be none; its default is {_default_of(name)!r}")
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        item = typing.get_args(kind)[0]
-        if isinstance(value, str):
-            parts: Sequence[Any] = [p.strip() for p in value.split(",") if p.strip()]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts = [value]
-        elif isinstance(value, Sequence):
-            parts = value
-        else:
-            raise ConfigError(f"{name} must be a comma-separated list, got {value!r}")
-        return tuple(_scalar(name, p, item) for p in parts)
-    if origin is dict or kind is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{name} must be a JSON object such as '{{\"width\": 16}}', got {value!r} ({error})") from error
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{name} must be a JSON object with string keys, got {value!r}")
-        return dict(value)
-    return _scalar(name, value, kind)
-
-
-def _scalar(name: str, value: Any, kind: Any) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.strip().lower() in ("true", "yes", "1")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        elif (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer()):
-            return int(value)
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if kind is float:
-        number: float | None = None
-        if isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        if number is None or not math.isfinite(number):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return number
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value.strip()
-    raise TypeError(f"config field {name} has an unsupported type {kind!r}")  # a bug in this module, not in the input
-
-
-def _is_union(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def _default_of(name: str) -> Any:
+def field_default(name: str) -> Any:
+    """The default value of the config field ``name``."""
     f = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == name)
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
@@ -407,7 +335,7 @@ def _is_dotted(path: str) -> bool:
     return bool(module) and bool(attribute) and all(part.isidentifier() for part in [*module.split("."), *attribute.split(".")])
 
 
-# --------------------------------------------------------------------------------------- files and command line
+# --------------------------------------------------------------------------------------- files
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON object of a config file (field name -> value), e.g. a run's ``config.json``."""
     file = Path(path)
@@ -422,92 +350,10 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return values
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def __getattr__(name: str) -> Any:
+    """``build_parser`` and ``parse_args``, which live in :mod:`auxlab.experiments.cli`, still importable from here."""
+    if name in ("build_parser", "parse_args"):
+        from auxlab.experiments import cli
 
-
-def _shown_default(name: str) -> str:
-    value = _default_of(name)
-    if value is None:
-        return "none"
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, dict):
-        return json.dumps(value)
-    return str(value)
-
-
-def _program() -> str:
-    """``python -m auxlab.experiments``, or the name of the console script that runs it."""
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return "python -m auxlab.experiments" if script in ("", "__main__.py", "-c") or script.endswith(".py") else script
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The command-line parser: one option per config field, plus ``--config`` and ``--smoke``.
-
-    Every option defaults to "not given" (``argparse.SUPPRESS``), so that :func:`parse_args` can
-    tell what the command line set; the help shows each field's real default.
-    """
-    prog = prog or _program()
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Compare auxiliary-label strategies (single task, random, k-means, human, MAXL, SLA, RL labels, each fixed one "
-        "optionally with a weighting of the auxiliary loss: gcs, uncertainty, maoal) on one dataset and model, over several seeds: "
-        "per-epoch metrics, a summary table of final test accuracy and plots.",
-        epilog=f"Example: {prog} --dataset digits --strategies single,maxl --seeds 0,1,2 --epochs 10 --out runs/",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", metavar="FILE", help="JSON file of config fields, applied before the options below")
-    parser.add_argument("--smoke", action="store_true", help=f"tiny budget to check that it runs: {', '.join(f'{k}={_shown(v)}' for k, v in SMOKE.items())}")
-    hints = typing.get_type_hints(ExperimentConfig)
-    for f in dataclasses.fields(ExperimentConfig):
-        text = f"{f.metadata.get('help', '')} (default: {_shown_default(f.name)})"
-        if hints[f.name] is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            parser.add_argument(_flag(f.name), dest=f.name, metavar=_metavar(f.name, hints[f.name]), help=text)
-    return parser
-
-
-_CHOICES = {
-    "dataset": DATASETS, "task": TASKS, "schedule": SCHEDULES, "image_mode": ("L", "RGB"), "generator_optimizer": GENERATOR_OPTIMIZERS,
-    "autocast": AUTOCAST_DTYPES,
-}
-
-
-def _metavar(name: str, annotation: Any) -> str:
-    if name == "engine":
-        from auxlab.engines import ENGINES
-
-        return "{" + ",".join(sorted(ENGINES)) + "}"
-    if name in _CHOICES:
-        return "{" + ",".join(_CHOICES[name]) + "}"
-    kind = next(o for o in (typing.get_args(annotation) if _is_union(annotation) else (annotation,)) if o is not type(None))
-    if typing.get_origin(kind) is tuple:
-        return "N[,N...]" if typing.get_args(kind)[0] is int else "NAME[,NAME...]"
-    return {int: "N", float: "X", str: "TEXT"}.get(kind, "JSON")
-
-
-def _shown(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
-    """The config of a command line: defaults, then ``--config FILE``, then ``--smoke``, then the options given.
-
-    Raises:
-        ConfigError: a value is invalid (the message names the field).
-        SystemExit: the command line itself is malformed (unknown option), or ``--help``.
-    """
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    config_file = args.pop("config", None)
-    if config_file is not None:
-        values.update(load_config(config_file))
-    if args.pop("smoke", False):
-        values.update(SMOKE)
-    values.update(args)
-    return ExperimentConfig.from_dict(values)
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ __all__ = [
     "read_metrics_jsonl",
     "summarise",
     "summary_markdown",
+    "verdict",
     "write_config",
     "write_metrics_csv",
     "write_metrics_jsonl",
@@ -232,7 +233,8 @@ def _percent(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
 
 
-def _verdict(row: StrategySummary) -> str:
+def verdict(row: StrategySummary) -> str:
+    """The summary's "beyond noise" column of a row: empty for ``single``, ``"no"``, ``"yes"``, ``"yes, worse"`` or ``"n/a (1 seed)"``."""
     if row.gain is None:
         return ""
     if row.gain_se is None:
@@ -261,7 +263,7 @@ def summary_table(rows: Sequence[StrategySummary], *, num_aux_classes: int) -> s
             sure = f"{r.confidence_start:.2f} → {r.confidence:.2f}"
         lines.append(
             f"| {r.strategy} | {_percent(r.test_mean, r.test_std)} | {_percent(r.val_mean, r.val_std)} | {r.seeds} "
-            f"| {gain} | {se} | {_verdict(r)} | {used} | {sure} | {r.epoch_time_s:.2f} |"
+            f"| {gain} | {se} | {verdict(r)} | {used} | {sure} | {r.epoch_time_s:.2f} |"
         )
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from auxlab.experiments.config import ConfigError
+from auxlab.experiments.errors import ConfigError
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.weighting import WEIGHTINGS
 from auxlab.wrapper import SINGLE_TASK

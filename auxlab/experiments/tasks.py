@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from auxlab.data import TrainingData
 from auxlab.datasets import (
     FASHION_MNIST_FINE_TO_COARSE,
     FASHION_MNIST_ROOT,
@@ -22,8 +23,8 @@ from auxlab.datasets import (
     stratified_split_indices,
     train_val_split,
 )
-from auxlab.experiments.config import ConfigError, ExperimentConfig
-from auxlab.experiments.strategies import Strategy
+from auxlab.experiments.config import ExperimentConfig
+from auxlab.experiments.errors import ConfigError
 from auxlab.hierarchy import HierarchyMask
 
 __all__ = ["RunSplit", "TaskData", "load_task", "resolve_psi", "run_split", "stratified_subset"]
@@ -39,8 +40,8 @@ class TaskData:
         train: the training split (after the validation split and ``limit_train``).
         val: the validation split, for per-epoch monitoring.
         test: the test split, read once per run for the final number.
-        fine_to_coarse: primary class of each fine label, for the ``"human"`` strategy; None when the
-            task has no fine labels.
+        fine_to_coarse: primary class of each fine label (for a strategy built from the fine labels,
+            such as ``"human"``); None when the task has no fine labels.
         description: one line naming the data, for logs and the summary.
     """
 
@@ -59,6 +60,12 @@ class TaskData:
     def in_channels(self) -> int:
         """Channels of the images (1 grey, 3 RGB)."""
         return int(self.train.images.shape[1])
+
+    @property
+    def training_data(self) -> TrainingData:
+        """What a strategy may be built from (:meth:`~auxlab.AuxLabelGenerator.kwargs_from_data`): the
+        training split, its fine labels and the fine-to-coarse map, if the task has them."""
+        return TrainingData(dataset=self.train, fine_labels=self.train.fine_labels, fine_to_coarse=self.fine_to_coarse)
 
 
 def stratified_subset(dataset: ImageDataset, size: int | None, *, seed: int) -> ImageDataset:
@@ -168,13 +175,12 @@ def resolve_psi(config: ExperimentConfig, data: TaskData) -> tuple[int, ...]:
     :data:`DEFAULT_PSI` per class; one number applies to every class.
 
     Raises:
-        ConfigError: if ``psi`` has neither one nor C entries, or if ``"human"`` is to run with a
-            hierarchy other than the fine labels'.
+        ConfigError: if ``psi`` has neither one nor C entries.
     """
     num_classes = data.num_classes
-    human_psi = HierarchyMask.from_fine_to_coarse(data.fine_to_coarse).psi if data.fine_to_coarse is not None else None
+    fine_psi = HierarchyMask.from_fine_to_coarse(data.fine_to_coarse).psi if data.fine_to_coarse is not None else None
     if config.psi is None:
-        psi = human_psi if human_psi is not None else (DEFAULT_PSI,) * num_classes
+        psi = fine_psi if fine_psi is not None else (DEFAULT_PSI,) * num_classes
     elif len(config.psi) == 1:
         psi = config.psi * num_classes
     elif len(config.psi) == num_classes:
@@ -183,15 +189,4 @@ def resolve_psi(config: ExperimentConfig, data: TaskData) -> tuple[int, ...]:
         raise ConfigError(
             f"psi has {len(config.psi)} entries but the task has {num_classes} classes; give one int for all classes or one per class"
         )
-    if any(Strategy.parse(strategy).generator == "human" for strategy in config.strategies):
-        if human_psi is None:
-            raise ConfigError(
-                f"strategy 'human' needs the dataset's fine labels, and dataset={config.dataset!r} task={config.task!r} has none; "
-                "use --dataset fashion-mnist --task coarse, or drop 'human' from --strategies"
-            )
-        if tuple(psi) != tuple(human_psi):
-            raise ConfigError(
-                f"strategy 'human' gives one sub-class per fine label, psi={list(human_psi)}, but psi={list(psi)} was asked; "
-                "leave psi unset (none) to use the fine-label hierarchy for every strategy"
-            )
     return tuple(psi)

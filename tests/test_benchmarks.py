@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/step_cost: it runs and reports every variant, and its profile reads the library's
-``auxlab.*`` ranges. Never asserts on timings.
+"""Smoke tests of the benchmarks: benchmarks/step_cost runs and reports every variant, its profile reads the
+library's ``auxlab.*`` ranges, and benchmarks/results keeps its layout. Never asserts on timings.
 
 The profile tests marked "needs the library's ranges" below count ``auxlab.*`` ranges, which only an auxlab
 that opens them (``torch.profiler.record_function`` in the library) records; the others need nothing of it.
@@ -8,6 +8,7 @@ that opens them (``torch.profiler.record_function`` in the library) records; the
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -231,3 +232,46 @@ def test_command_line_writes_the_report(mode: list[str], tmp_path: Path, capsys:
     assert report in capsys.readouterr().out
     assert "- command: `python -m benchmarks.step_cost --model cnn" in report and "date:" in report
     assert ("## Engine: jvp" if mode else "| wrapper.step (jvp) |") in report
+
+# --------------------------------------------------------------------------------------- results layout
+RESULTS = ROOT / "benchmarks" / "results"
+#: What made each folder of benchmarks/results: a script of benchmarks/, or the experiments runner.
+RESULT_FOLDERS = {"step_cost", "jvp_variants", "jvp_weight_swap", "fashion_mnist"}
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(markdown: Path) -> set[str]:
+    """The anchors of a Markdown file's headings, as GitHub makes them."""
+    headings = (line.lstrip("#") for line in markdown.read_text().splitlines() if line.startswith("#"))
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_result_lies_in_the_folder_of_what_made_it_named_by_what_was_measured() -> None:
+    assert {p.name for p in RESULTS.iterdir()} == RESULT_FOLDERS
+    for folder in RESULT_FOLDERS - {"fashion_mnist"}:
+        assert (ROOT / "benchmarks" / folder).exists() or (ROOT / "benchmarks" / f"{folder}.py").exists(), folder
+    for path in RESULTS.rglob("*"):
+        words = re.split(r"[_\-.]", path.name.lower())
+        assert not {"session", "final", "new", "old", "latest", "round", "tmp"} & set(words), path
+        assert not any(re.fullmatch(r"v\d+|session\d+", w) for w in words), path
+
+
+def test_links_to_and_inside_the_benchmarks_resolve() -> None:
+    documents = [*(ROOT / "benchmarks").rglob("*.md"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    for document in documents:
+        for target in _LINK.findall(document.read_text()):
+            path, _, anchor = target.partition("#")
+            if re.match(r"[a-z]+:", target) or not path:
+                continue
+            resolved = (document.parent / path).resolve()
+            if document.is_relative_to(ROOT / "benchmarks") or resolved.is_relative_to(ROOT / "benchmarks"):
+                assert resolved.exists(), f"{document.relative_to(ROOT)} links to {target}, which does not exist"
+                if anchor and resolved.suffix == ".md":
+                    assert anchor in _anchors(resolved), f"{document.relative_to(ROOT)} links to {target}: no such heading"
+
+
+def test_the_benchmarks_readme_names_every_script_and_result_folder() -> None:
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    scripts = [p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "models")]
+    for name in [*scripts, "step_cost", *RESULT_FOLDERS]:
+        assert name in readme, name

@@ -1,8 +1,14 @@
-"""Smoke test of benchmarks/step_cost.py: it runs and reports every variant. Never asserts on timings."""
+"""Smoke tests of the benchmarks: benchmarks/step_cost runs and reports every variant, its profile reads the
+library's ``auxlab.*`` ranges, and benchmarks/results keeps its layout. Never asserts on timings.
+
+The profile tests marked "needs the library's ranges" below count ``auxlab.*`` ranges, which only an auxlab
+that opens them (``torch.profiler.record_function`` in the library) records; the others need nothing of it.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -46,29 +52,89 @@ def test_results_markdown_names_command_machine_and_every_variant(result: step_c
         assert needle in report
 
 
-EXPECTED_PARTS = {
-    "functional": ["meta step: classifier forward at theta", "meta step: virtual-step grad (create_graph=True)",
-                   "meta step: classifier forward at theta'", "meta step: hypergradient backward"],
-    "higher": ["meta step: virtual-step grad (create_graph=True)", "meta step: hypergradient backward"],
-    "jvp": ["meta step: gradient at theta", "meta step: gradient at theta' (u)",
-            "meta step: classifier forwards for the directional derivative", "step: gradient at theta", "step: hypergradient backward"],
+#: The parts the benchmark marks itself (its own ranges, module forward hooks, optimizer step hooks), per engine.
+OWN_PARTS = {
+    "functional": ["meta step: classifier forward at theta", "meta step: classifier forward at theta'"],
+    "higher": ["meta step: classifier forward at theta", "meta step: classifier forward at theta'"],
+    "jvp": ["meta step: classifier forward at theta", "meta step: classifier forward at theta'",
+            "meta step: classifier forwards for the directional derivative", "step", "step: classifier forward at theta",
+            "step: optimizer step", "step: generator optimizer step"],
+}
+#: The library's ranges, per engine, named after the phase they ran in.
+LIBRARY_PARTS = {
+    "functional": ["meta step: auxlab.gradient.virtual_step", "meta step: auxlab.gradient.meta"],
+    "higher": ["meta step: auxlab.gradient.virtual_step", "meta step: auxlab.gradient.meta"],
+    "jvp": ["meta step: auxlab.gradient.model", "meta step: auxlab.gradient.meta_loss", "meta step: auxlab.directional_derivative",
+            "meta step: auxlab.gradient.meta", "step: auxlab.step", "step: auxlab.targets", "step: auxlab.gradient.model",
+            "step: auxlab.gradient.meta_loss", "step: auxlab.directional_derivative", "step: auxlab.gradient.meta"],
 }
 
 
-@pytest.mark.parametrize("engine", sorted(EXPECTED_PARTS))
-def test_profile_labels_each_part_of_the_steps(engine: str) -> None:
-    data = step_cost.profile_engine(step_cost.Config(**TINY, warmup=0), engine, iterations=1, row_limit=5)
-    counts = data["counts"]
-    common = ["single-task step", "MAXL iteration", "model step", "model step: generator forward (targets)",
-              "model step: classifier forward", "model step: backward", "model step: optimizer step", "meta step",
-              "meta step: generator forward (targets)", "meta step: generator optimizer step"]
-    for label in common + EXPECTED_PARTS[engine]:
-        assert counts.get(label) == 1, (label, counts)
-    assert "Self CPU" in data["table"]
-    assert "meta step: hypergradient backward" in data["grad_labels"]
-    assert data["nodes"]["meta step: hypergradient backward"]  # the autograd nodes that ran inside it
-    table = step_cost.breakdown_markdown(data["durations_ms"], data["order"])
+@pytest.fixture(scope="module")
+def profiles() -> dict[str, step_cost.EngineProfile]:
+    """One profiled round per engine of :data:`OWN_PARTS`."""
+    return {engine: step_cost.profile_engine(step_cost.Config(**TINY, warmup=0), engine, iterations=1, row_limit=5) for engine in OWN_PARTS}
+
+
+@pytest.mark.parametrize("engine", sorted(OWN_PARTS))
+def test_profile_marks_the_rounds_phases_forwards_and_optimizer_steps(engine: str, profiles: dict[str, step_cost.EngineProfile]) -> None:
+    data = profiles[engine]
+    common = ["single-task step", "MAXL iteration", "model step", "model step: classifier forward", "model step: backward",
+              "model step: optimizer step", "meta step", "meta step: generator optimizer step"]
+    for label in common + OWN_PARTS[engine]:
+        assert data.counts.get(label) == 1, (label, data.counts)
+    assert data.parents["model step: backward"] == "model step" and data.parents["model step"] == "MAXL iteration"
+    assert "Self CPU" in data.table
+    table = step_cost.breakdown_markdown(data)
     assert "meta step: rest (unlabelled)" in table
+
+
+@pytest.mark.parametrize("engine", sorted(LIBRARY_PARTS))
+def test_profile_reads_the_librarys_ranges(engine: str, profiles: dict[str, step_cost.EngineProfile]) -> None:
+    """Needs the library's ranges."""
+    data = profiles[engine]
+    common = ["model step: auxlab.loss", "model step: auxlab.targets", "meta step: auxlab.meta_step", "meta step: auxlab.targets"]
+    for label in common + LIBRARY_PARTS[engine]:
+        assert data.counts.get(label) == 1, (label, data.counts)
+    assert data.library_labelled
+    assert "meta step: auxlab.gradient.meta" in data.broken_down
+    assert data.nodes["meta step: auxlab.gradient.meta"]  # the autograd nodes that ran inside it
+
+
+def test_profile_patches_nothing_of_torch() -> None:
+    config = step_cost.Config(**TINY)
+    wrapper = step_cost.make_wrapper(step_cost.base_model(config, torch.device("cpu")), config, "maxl", "jvp")
+    grad, backward = torch.autograd.grad, torch.autograd.backward
+    with step_cost.Labeller(wrapper, torch.optim.SGD(wrapper.parameters(), lr=0.1)):
+        assert torch.autograd.grad is grad and torch.autograd.backward is backward
+
+
+def test_profile_nests_each_library_range_in_the_phase_it_ran_in() -> None:
+    """What the library's ranges will look like, opened here by hand: read, nested and broken down."""
+    from torch.profiler import profile, record_function
+
+    weight = torch.ones(3, requires_grad=True)
+    with profile() as prof:
+        for _ in range(2):
+            with record_function(step_cost.SINGLE):
+                pass
+            with record_function("MAXL iteration"), record_function("meta step"), record_function("auxlab.meta_step"):
+                with record_function("auxlab.targets"), record_function("classifier forward"):
+                    torch.ones(3) * 2  # a generator such as maxl-light reading the classifier's features
+                with record_function("classifier forward"):
+                    loss = (weight * 2).sum()
+                with record_function("auxlab.gradient.meta"):
+                    torch.autograd.grad(loss, weight)
+    data = step_cost.read_profile(prof, 2, row_limit=5)
+    assert data.counts["meta step: auxlab.gradient.meta"] == 2 and len(data.durations_ms["meta step: auxlab.gradient.meta"]) == 2
+    assert data.parents["meta step: auxlab.gradient.meta"] == "meta step: auxlab.meta_step"
+    assert data.parents["meta step: auxlab.meta_step"] == "meta step"
+    assert data.parents["meta step: classifier forward for the targets"] == "meta step: auxlab.targets"
+    assert data.counts["meta step: classifier forward at theta"] == 2  # the first forward outside the targets
+    assert data.broken_down == ["meta step: auxlab.gradient.meta"]
+    assert data.nodes["meta step: auxlab.gradient.meta"] and data.inside["meta step: auxlab.gradient.meta"]
+    assert data.library_labelled
+    assert "meta step: auxlab.meta_step: rest (unlabelled)" in step_cost.breakdown_markdown(data)
 
 
 @pytest.mark.parametrize("name", sorted(["cnn", "vgg16", "resnet18"]))
@@ -98,12 +164,21 @@ def test_measure_times_each_generator_in_the_same_round_robin() -> None:
     assert "maxl-light (an MLP" in report and "wrapper.step (jvp, maxl-light)" in report
 
 
-def test_profile_of_the_light_generator_labels_its_classifier_forward_as_the_generators() -> None:
+@pytest.fixture(scope="module")
+def light_counts() -> dict[str, int]:
     config = step_cost.Config(**TINY, warmup=0, generators=("maxl-light",))
-    counts = step_cost.profile_engine(config, "jvp", iterations=1, row_limit=5)["counts"]
-    assert counts.get("meta step: generator forward (targets)") == 1
-    assert counts.get("meta step: classifier forward at theta") == 1
-    assert counts.get("model step: classifier forward") == 1
+    return step_cost.profile_engine(config, "jvp", iterations=1, row_limit=5).counts
+
+
+def test_profile_of_the_light_generator_counts_one_classifier_forward_per_phase(light_counts: dict[str, int]) -> None:
+    assert light_counts.get("meta step: classifier forward at theta") == 1
+    assert light_counts.get("model step: classifier forward") == 1
+
+
+def test_profile_of_the_light_generator_puts_its_features_forward_in_the_targets(light_counts: dict[str, int]) -> None:
+    """Needs the library's ranges."""
+    assert light_counts.get("meta step: auxlab.targets") == 1
+    assert light_counts.get("meta step: classifier forward for the targets") == 1
 
 
 
@@ -142,3 +217,61 @@ def test_autocast_runs_every_variant_under_autocast_and_fp16_steps_with_a_scaler
     if autocast == "fp16":
         with pytest.raises(ValueError, match="needs engines among"):
             step_cost.build_variants(step_cost.Config(**TINY, engines=("functional",), autocast="fp16"), *step_cost.make_batch(config, torch.device("cpu")))
+
+
+
+@pytest.mark.parametrize("mode", [[], ["--profile", "--profile-iterations", "1"]], ids=["timing", "profile"])
+def test_command_line_writes_the_report(mode: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.step_cost.__main__ import main
+
+    tiny = ["--model", "cnn", "--batch-size", "4", "--image-size", "16", "--psi", "2", "--num-classes", "3",
+            "--repeats", "1", "--warmup", "0", "--engines", "jvp", "--no-memory"]
+    out = tmp_path / "report.md"
+    main([*tiny, *mode, "--out", str(out)])
+    report = out.read_text()
+    assert report in capsys.readouterr().out
+    assert "- command: `python -m benchmarks.step_cost --model cnn" in report and "date:" in report
+    assert ("## Engine: jvp" if mode else "| wrapper.step (jvp) |") in report
+
+# --------------------------------------------------------------------------------------- results layout
+RESULTS = ROOT / "benchmarks" / "results"
+#: What made each folder of benchmarks/results: a script of benchmarks/, or the experiments runner.
+RESULT_FOLDERS = {"step_cost", "jvp_variants", "jvp_weight_swap", "fashion_mnist"}
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(markdown: Path) -> set[str]:
+    """The anchors of a Markdown file's headings, as GitHub makes them."""
+    headings = (line.lstrip("#") for line in markdown.read_text().splitlines() if line.startswith("#"))
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_result_lies_in_the_folder_of_what_made_it_named_by_what_was_measured() -> None:
+    assert {p.name for p in RESULTS.iterdir()} == RESULT_FOLDERS
+    for folder in RESULT_FOLDERS - {"fashion_mnist"}:
+        assert (ROOT / "benchmarks" / folder).exists() or (ROOT / "benchmarks" / f"{folder}.py").exists(), folder
+    for path in RESULTS.rglob("*"):
+        words = re.split(r"[_\-.]", path.name.lower())
+        assert not {"session", "final", "new", "old", "latest", "round", "tmp"} & set(words), path
+        assert not any(re.fullmatch(r"v\d+|session\d+", w) for w in words), path
+
+
+def test_links_to_and_inside_the_benchmarks_resolve() -> None:
+    documents = [*(ROOT / "benchmarks").rglob("*.md"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    for document in documents:
+        for target in _LINK.findall(document.read_text()):
+            path, _, anchor = target.partition("#")
+            if re.match(r"[a-z]+:", target) or not path:
+                continue
+            resolved = (document.parent / path).resolve()
+            if document.is_relative_to(ROOT / "benchmarks") or resolved.is_relative_to(ROOT / "benchmarks"):
+                assert resolved.exists(), f"{document.relative_to(ROOT)} links to {target}, which does not exist"
+                if anchor and resolved.suffix == ".md":
+                    assert anchor in _anchors(resolved), f"{document.relative_to(ROOT)} links to {target}: no such heading"
+
+
+def test_the_benchmarks_readme_names_every_script_and_result_folder() -> None:
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    scripts = [p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "models")]
+    for name in [*scripts, "step_cost", *RESULT_FOLDERS]:
+        assert name in readme, name

@@ -191,7 +191,7 @@ def forward_mode(function: Callable[[dict[str, Tensor]], Tensor], at: dict[str, 
     """``J_function(at) direction`` by forward-mode automatic differentiation (exact).
 
     Uses ``torch.autograd.forward_ad`` dual tensors: on the small CNN on CPU (batch 64) they took
-    13-23% less time than ``torch.func.jvp`` for the same product (benchmarks/results/jvp_variants_cpu.md).
+    13-23% less time than ``torch.func.jvp`` for the same product (benchmarks/results/jvp_variants/cpu_small_cnn.md).
     """
     with forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p, direction[name]) for name, p in at.items()}  # type: ignore[no-untyped-call]

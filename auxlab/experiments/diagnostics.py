@@ -9,10 +9,9 @@ draw from the generator's random stream.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, cast
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +19,9 @@ from torch import Tensor, nn
 from auxlab.datasets import ImageDataset
 from auxlab.experiments.config import ExperimentConfig
 from auxlab.experiments.tasks import TaskData
-from auxlab.generators import AuxLabelGenerator
 from auxlab.wrapper import MetaAuxWrapper
 
-__all__ = ["accuracies", "collapse_diagnostic", "evaluate", "label_distribution", "weighting_params"]
+__all__ = ["accuracies", "collapse_diagnostic", "evaluate", "weighting_params"]
 
 
 @torch.no_grad()
@@ -81,46 +79,13 @@ def weighting_params(wrapper: MetaAuxWrapper) -> dict[str, list[float]] | None:
     return values or None
 
 
-class _ReadsFeatures(Protocol):
-    """A generator that ``reads_features``: :meth:`features` gives what its ``forward`` reads."""
-
-    def features(self, x: Tensor) -> Tensor: ...
-
-
-@torch.no_grad()
-def label_distribution(generator: AuxLabelGenerator, x: Tensor, y: Tensor, index: Tensor | None = None) -> Tensor:
-    """``(B, K)``: the distribution each sample's auxiliary label comes from, without gradient.
-
-    :meth:`~auxlab.AuxLabelGenerator.label_distribution` of what the generator reads: ``x``, or
-    ``generator.features(x)`` for a generator that ``reads_features``. It runs in the generator's
-    current mode, and leaves its buffers (BatchNorm statistics) as they were; a generator that draws
-    its labels gives the probabilities it draws from, and draws nothing.
-    """
-    inputs = cast(_ReadsFeatures, generator).features(x) if generator.reads_features else x
-    with _buffers_kept(generator):
-        return generator.label_distribution(inputs, y, index)
-
-
-@contextlib.contextmanager
-def _buffers_kept(module: nn.Module) -> Iterator[None]:
-    """Put ``module``'s buffers back as they were when the block ends (a forward in training mode moves BatchNorm statistics)."""
-    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, buffer in module.named_buffers():
-                if name in saved:
-                    buffer.copy_(saved[name])
-
-
 def collapse_diagnostic(
     wrapper: MetaAuxWrapper, dataset: ImageDataset, indices: Tensor, *, batch_size: int, device: torch.device
 ) -> tuple[dict[str, Any], Tensor]:
     """How many of its sub-classes each primary class actually uses, and how sure the labels are.
 
     Every probe sample (``indices`` into ``dataset``, the training split) gets the distribution its
-    auxiliary label comes from, :func:`label_distribution` (the generator's targets, run in its
+    auxiliary label comes from, ``wrapper.aux_targets(..., distribution=True)`` (the generator's targets, run in its
     current mode without updating its statistics; for a policy that draws its labels, ``"rl"``, the
     policy's probabilities, its targets being one draw from them, and no random number is drawn).
     For primary class ``c`` with ``n_c`` probe samples:
@@ -151,7 +116,7 @@ def collapse_diagnostic(
     for start in range(0, indices.shape[0], batch_size):
         index = indices[start : start + batch_size]
         x, y = dataset.images[index].to(device), dataset.labels[index].to(device)
-        pieces.append(label_distribution(generator, x, y, index.to(device)).double().cpu())
+        pieces.append(wrapper.aux_targets(x, y, index=index.to(device), distribution=True).double().cpu())
     targets = torch.cat(pieces)
     columns = targets.argmax(1)
     labels = dataset.labels[indices]

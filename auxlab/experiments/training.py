@@ -187,7 +187,7 @@ def train_one(
 
 def has_meta_step(wrapper: MetaAuxWrapper) -> bool:
     """Whether the wrapper's meta step learns something: a generator's labels or a meta-learned weighting."""
-    return wrapper.generator_optimizer is not None or wrapper.weighting.meta_learned
+    return wrapper.meta_learner is not None
 
 
 def train_epoch(

@@ -11,7 +11,6 @@ from torch import Tensor
 from auxlab import AuxLabelGenerator, MetaAuxWrapper
 from auxlab.datasets import ImageDataset
 from auxlab.experiments import SmallCNN, collapse_diagnostic
-from auxlab.experiments.diagnostics import label_distribution
 from auxlab.generators import PolicyLabels
 from auxlab.hierarchy import HierarchyMask
 from tests.helpers import assert_unchanged, snapshot
@@ -77,13 +76,13 @@ def test_collapse_diagnostic_of_a_policy_reads_its_probabilities_and_draws_nothi
 
 @pytest.mark.parametrize("generator", ["maxl", "maxl-light"])
 def test_the_diagnostic_reads_the_targets_and_leaves_the_run_as_it_was(generator: str) -> None:
-    # label_distribution gives what wrapper.aux_targets gives, on what the generator reads (x, or the classifier's features).
+    # the distribution is what wrapper.aux_targets gives, on what the generator reads (x, or the classifier's features).
     data = ImageDataset(torch.rand(60, 1, 8, 8), torch.arange(60) // 6, tuple("abcdefghij"))
     wrapper = MetaAuxWrapper(SmallCNN(width=4), num_classes=10, psi=3, generator=generator, seed=0)
     wrapper.train()  # BatchNorm in training mode, as the runner measures
     assert wrapper.generator is not None and wrapper.generator.reads_features == (generator == "maxl-light")
     before = snapshot(wrapper)
-    distribution = label_distribution(wrapper.generator, data.images, data.labels)
+    distribution = wrapper.aux_targets(data.images, data.labels, distribution=True)
     assert_unchanged(wrapper, before)  # maxl's BatchNorm statistics, the classifier's, the rng states
     assert torch.equal(distribution, wrapper.aux_targets(data.images, data.labels))
     _, columns = collapse_diagnostic(wrapper, data, torch.arange(60), batch_size=60, device=torch.device("cpu"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from auxlab.context import strategy_name
+from auxlab._checks import check_batch
+from auxlab.context import Batch, strategy_name
 from auxlab.distributed import LocalReducer, Reducer
 from auxlab.engines import ENGINES, Engine, get_engine
 from auxlab.generators import GENERATORS, AuxLabelGenerator
@@ -20,6 +21,27 @@ from auxlab.learners.base import MetaLearner, OptimizerFactory
 from auxlab.weighting import AuxWeighting
 
 SINGLE_TASK = "single"
+
+
+def check_model(model: object) -> nn.Module:
+    """``model`` if it is an ``nn.Module``; a TypeError otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_nonfinite(nonfinite: object) -> Literal["raise", "skip"]:
+    """``nonfinite`` if it is ``"raise"`` or ``"skip"``; a ValueError naming the choices otherwise."""
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite={nonfinite!r} is not known; choose 'raise' or 'skip'")
+    return nonfinite
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an int; a TypeError for anything but an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
 
 
 def build_mask(psi: int | Sequence[int] | None, mask: HierarchyMask | None, num_classes: int) -> HierarchyMask:
@@ -60,9 +82,17 @@ def build_reducer(distributed: bool | dist.ProcessGroup) -> LocalReducer:
 
 
 def build_generator(
+    generator: str | AuxLabelGenerator, kwargs: Mapping[str, Any] | None, mask: HierarchyMask, *, model: nn.Module, head_name: str,
+    seed: int, device: torch.device,
+) -> AuxLabelGenerator | None:
+    """The strategy ``generator`` names (built with ``kwargs``), or the given instance, on ``device``; None for single task."""
+    built = _generator(generator, kwargs, mask, model=model, head_name=head_name, seed=seed)
+    return None if built is None else built.to(device=device)
+
+
+def _generator(
     generator: str | AuxLabelGenerator, kwargs: Mapping[str, Any] | None, mask: HierarchyMask, *, model: nn.Module, head_name: str, seed: int
 ) -> AuxLabelGenerator | None:
-    """The strategy ``generator`` names (built with ``kwargs``), the given instance, or None for single task."""
     if isinstance(generator, str) and generator == SINGLE_TASK:
         if kwargs:
             raise ValueError("generator_kwargs has no meaning with generator='single'")
@@ -125,13 +155,56 @@ def select_virtual_params(prefixes: Sequence[str] | None, named: Mapping[str, Te
     return frozenset(chosen)
 
 
-def learner_state(state: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The meta learner's part of a wrapper's extra state (format 1 kept an optimizer state apart)."""
+STATE_FORMAT = 2
+
+
+def extra_state(mask: HierarchyMask, single_task: bool, learner: MetaLearner | None, steps: Mapping[str, int], skipped: Mapping[str, int]) -> dict[str, Any]:
+    """A wrapper's extra state: the hierarchy, the meta learner's state and the step counters."""
+    return {
+        "format": STATE_FORMAT, "psi": list(mask.psi), "single_task": single_task,
+        "meta_learner": None if learner is None else learner.state_dict(), "steps": dict(steps), "skipped_steps": dict(skipped),
+    }
+
+
+def check_extra_state(state: Any, mask: HierarchyMask, single_task: bool, learner: MetaLearner | None) -> Mapping[str, Any] | None:
+    """The meta learner's part of a checked extra state; a ValueError if it was made for another wrapper.
+
+    Format 1 (auxlab 0.1) kept the generator's or the weighting's optimizer state apart; it is read as the learner's.
+    """
+    if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
+        raise ValueError("the checkpoint was not written by MetaAuxWrapper.state_dict() of this auxlab version")
+    if state["psi"] != list(mask.psi):
+        raise ValueError(f"the checkpoint was made for psi={state['psi']} but this wrapper has psi={list(mask.psi)}")
+    if state["single_task"] != single_task:
+        kinds = {True: "single-task", False: "auxiliary"}
+        raise ValueError(f"the checkpoint was made for {kinds[state['single_task']]} training but this wrapper is {kinds[single_task]}")
     if state["format"] == 1:
         optimizer = state["generator_optimizer"] if state["generator_optimizer"] is not None else state.get("weighting_optimizer")
-        return None if optimizer is None else {"optimizer": optimizer}
-    learner: Mapping[str, Any] | None = state["meta_learner"]
-    return learner
+        saved: Mapping[str, Any] | None = None if optimizer is None else {"optimizer": optimizer}
+    else:
+        saved = state["meta_learner"]
+    if (saved is None) != (learner is None):
+        raise ValueError("the checkpoint's generator learns and this one does not (or the reverse): different strategies")
+    return saved
+
+
+def check_call(
+    x: Tensor, y: Tensor, index: Tensor | None, x_meta: Tensor | None, y_meta: Tensor | None, *,
+    num_classes: int, like: Tensor, generator: AuxLabelGenerator | None,
+) -> Batch:
+    """One call's data, checked before anything runs (see :func:`~auxlab._checks.check_batch`); the
+    meta batch defaults to ``(x, y)``; ``index`` is required by a strategy that ``needs_index``."""
+    y = check_batch(x, y, "x", "y", num_classes=num_classes, like=like)
+    if generator is not None and generator.needs_index and index is None:
+        raise ValueError(
+            f"the {type(generator).__name__} strategy gives a fixed label per training sample and needs index=: "
+            "pass the samples' dataset indices (wrap your dataset in auxlab.data.IndexedDataset)"
+        )
+    if (x_meta is None) != (y_meta is None):
+        raise ValueError("give both x_meta and y_meta, or neither (then the meta loss uses x, y)")
+    if x_meta is None or y_meta is None:
+        return Batch(x, y, index, x, y)
+    return Batch(x, y, index, x_meta, check_batch(x_meta, y_meta, "x_meta", "y_meta", num_classes=num_classes, like=like))
 
 
 def check_state_fits(own: Mapping[str, Any], state_dict: Mapping[str, Any], *, strict: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -174,5 +175,6 @@ class MetaLearner:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore :meth:`state_dict`, from a copy: ``Optimizer.load_state_dict`` keeps some of the given tensors
+        (Adam's step count, SGD's momentum), which would otherwise be shared with the optimizer they came from."""
+        self.optimizer.load_state_dict(copy.deepcopy(dict(state["optimizer"])))

@@ -4,8 +4,8 @@ error before anything is built on it."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,9 @@ from auxlab.engines import ENGINES, Engine, get_engine
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.learners.base import MetaLearner, OptimizerFactory
-from auxlab.weighting import AuxWeighting
+from auxlab.weighting import WEIGHTINGS, AuxWeighting
+
+T = TypeVar("T")
 
 SINGLE_TASK = "single"
 
@@ -97,20 +99,42 @@ def _generator(
         if kwargs:
             raise ValueError("generator_kwargs has no meaning with generator='single'")
         return None
-    if isinstance(generator, AuxLabelGenerator):
+    built = from_registry(
+        "generator", generator, kwargs, GENERATORS, AuxLabelGenerator, names=[*sorted(GENERATORS), SINGLE_TASK], what="a strategy name",
+        build=lambda cls, options: cls.from_wrapper(mask, model=model, head_name=head_name, default_seed=seed, **options),
+    )
+    if built.mask != mask:
+        raise ValueError(f"the generator's hierarchy psi={list(built.mask.psi)} differs from the wrapper's psi={list(mask.psi)}")
+    return built
+
+
+def build_weighting(weighting: str | AuxWeighting, kwargs: Mapping[str, Any] | None, *, model: nn.Module, head_name: str, device: torch.device) -> AuxWeighting:
+    """The rule ``weighting`` names (built with ``kwargs``), or the given instance, on ``device``."""
+    built = from_registry(
+        "weighting", weighting, kwargs, WEIGHTINGS, AuxWeighting, names=sorted(WEIGHTINGS), what="a name",
+        build=lambda cls, options: cls.from_wrapper(model=model, head_name=head_name, **options),
+    )
+    return built.to(device=device)
+
+
+def from_registry(
+    kind: str, value: str | T, kwargs: Mapping[str, Any] | None, registry: Mapping[str, type[T]], base: type[T], *,
+    names: Sequence[str], what: str, build: Callable[[type[T], dict[str, Any]], T],
+) -> T:
+    """``value`` itself if it is a ``base`` instance (then ``kwargs`` must be empty), else the class ``registry``
+    holds under the name ``value``, built by ``build(cls, kwargs)``: each mistake named, with the choices."""
+    if isinstance(value, base):
         if kwargs:
-            raise ValueError("generator_kwargs is only for a generator given by name; configure the instance directly")
-        if generator.mask != mask:
-            raise ValueError(f"the generator's hierarchy psi={list(generator.mask.psi)} differs from the wrapper's psi={list(mask.psi)}")
-        return generator
-    if not isinstance(generator, str):
-        raise TypeError(f"generator must be a strategy name or an AuxLabelGenerator, got {type(generator).__name__}")
-    if generator not in GENERATORS:
-        raise ValueError(f"generator={generator!r} is not known; choose one of {sorted(GENERATORS) + [SINGLE_TASK]} or pass an AuxLabelGenerator")
+            raise ValueError(f"{kind}_kwargs is only for a {kind} given by name; configure the instance directly")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{kind} must be {what} or an {base.__name__}, got {type(value).__name__}")
+    if value not in registry:
+        raise ValueError(f"{kind}={value!r} is not known; choose one of {list(names)} or pass an {base.__name__}")
     try:
-        return GENERATORS[generator].from_wrapper(mask, model=model, head_name=head_name, default_seed=seed, **dict(kwargs or {}))
+        return build(registry[value], dict(kwargs or {}))
     except TypeError as error:
-        raise TypeError(f"could not build generator={generator!r} from generator_kwargs={dict(kwargs or {})}: {error}") from error
+        raise TypeError(f"could not build {kind}={value!r} from {kind}_kwargs={dict(kwargs or {})}: {error}") from error
 
 
 def build_learner(

@@ -272,19 +272,3 @@ class ModuleWeighting(AuxWeighting, name="maoal"):
     def after_meta_step(self) -> None:
         with torch.no_grad():
             self.weights.clamp_(min=0.0)
-
-
-def build_weighting(weighting: str | AuxWeighting, kwargs: Mapping[str, Any] | None, *, model: nn.Module, head_name: str) -> AuxWeighting:
-    """The rule ``weighting`` names (built with ``kwargs``), or the given instance."""
-    if isinstance(weighting, AuxWeighting):
-        if kwargs:
-            raise ValueError("weighting_kwargs is only for a weighting given by name; configure the instance directly")
-        return weighting
-    if not isinstance(weighting, str):
-        raise TypeError(f"weighting must be a name or an AuxWeighting, got {type(weighting).__name__}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r} is not known; choose one of {sorted(WEIGHTINGS)} or pass an AuxWeighting")
-    try:
-        return WEIGHTINGS[weighting].from_wrapper(model=model, head_name=head_name, **dict(kwargs or {}))
-    except TypeError as error:
-        raise TypeError(f"could not build weighting={weighting!r} from weighting_kwargs={dict(kwargs or {})}: {error}") from error

@@ -19,7 +19,7 @@ from auxlab.hierarchy import HierarchyMask
 from auxlab.learners.base import MetaLearner, OptimizerFactory
 from auxlab.multitask import MultiTaskNet, call_on_buffer_copies, commit_buffers, find_head
 from auxlab.scaling import GradScaling, LossScaling
-from auxlab.weighting import AuxWeighting, build_weighting
+from auxlab.weighting import AuxWeighting
 
 __all__ = ["MetaAuxWrapper"]
 
@@ -122,7 +122,7 @@ class MetaAuxWrapper(nn.Module):
         )
         with seeded(seed, device):
             self.aux_head: nn.Linear | None = None if self.generator is None else _build.new_aux_head(model, self.head_name, self.mask.num_aux_classes)
-        self.weighting: AuxWeighting = build_weighting(weighting, weighting_kwargs, model=model, head_name=self.head_name).to(device=device)
+        self.weighting: AuxWeighting = _build.build_weighting(weighting, weighting_kwargs, model=model, head_name=self.head_name, device=device)
         self._net: MultiTaskNet  # a view sharing model and aux_head, outside the module tree (nothing registered twice)
         object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
         self.virtual_params: frozenset[str] | None = _build.select_virtual_params(virtual_params, {n: p for n, p in self._net.named_parameters() if p.requires_grad})

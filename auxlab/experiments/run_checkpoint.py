@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,64 +42,60 @@ class Schedulers:
             scheduler.load_state_dict(state)
 
 
-def save_run(
-    checkpoint: str | os.PathLike[str],
-    wrapper: MetaAuxWrapper,
-    *,
-    optimizer: torch.optim.Optimizer,
-    schedulers: Schedulers | None,
-    strategy: str,
-    seed: int,
-    epoch: int,
-    records: list[dict[str, Any]],
-    columns: Tensor | None,
-    batch_order: torch.Generator,
-    meta_batches: MetaBatches | None,
-    scaler: torch.amp.GradScaler | None,
-) -> None:
+@dataclass(frozen=True)
+class RunParts:
+    """What a run's checkpoint holds besides its records: the wrapper and everything that moves with it.
+
+    Attributes:
+        wrapper, optimizer, schedulers: the model, its optimizer and its learning-rate schedulers.
+        strategy, seed: which run it is (checked at restore).
+        batch_order: the generator of the training batches' order.
+        meta_batches: the development split's meta batches, if the run has one.
+        scaler: the float16 loss scaler, if any.
+    """
+
+    wrapper: MetaAuxWrapper
+    optimizer: torch.optim.Optimizer
+    schedulers: Schedulers | None
+    strategy: str
+    seed: int
+    batch_order: torch.Generator
+    meta_batches: MetaBatches | None
+    scaler: torch.amp.GradScaler | None
+
+
+def save_run(checkpoint: str | os.PathLike[str], run: RunParts, *, epoch: int, records: list[dict[str, Any]], columns: Tensor | None) -> None:
     """Write the run's state after ``epoch`` to ``checkpoint`` (atomically)."""
     save_checkpoint(
         checkpoint,
-        wrapper,
-        optimizer=optimizer,
-        scheduler=schedulers,
-        strategy=strategy,
-        seed=seed,
+        run.wrapper,
+        optimizer=run.optimizer,
+        scheduler=run.schedulers,
+        strategy=run.strategy,
+        seed=run.seed,
         epoch=epoch,
         records=json.dumps(records),
         probe_columns=json.dumps(columns.tolist()) if columns is not None else None,
-        batch_order=encode_state(batch_order.get_state()),
-        meta_order=encode_state(meta_batches.pass_state) if meta_batches is not None else None,
-        meta_taken=meta_batches.taken if meta_batches is not None else None,
-        grad_scaler=json.dumps(scaler.state_dict()) if scaler is not None else None,
+        batch_order=encode_state(run.batch_order.get_state()),
+        meta_order=encode_state(run.meta_batches.pass_state) if run.meta_batches is not None else None,
+        meta_taken=run.meta_batches.taken if run.meta_batches is not None else None,
+        grad_scaler=json.dumps(run.scaler.state_dict()) if run.scaler is not None else None,
     )
 
 
-def restore_run(
-    checkpoint: str | os.PathLike[str],
-    wrapper: MetaAuxWrapper,
-    *,
-    optimizer: torch.optim.Optimizer,
-    schedulers: Schedulers | None,
-    strategy: str,
-    seed: int,
-    epochs: int,
-    batch_order: torch.Generator,
-    meta_batches: MetaBatches | None,
-    scaler: torch.amp.GradScaler | None,
-) -> tuple[list[dict[str, Any]], Tensor | None]:
+def restore_run(checkpoint: str | os.PathLike[str], run: RunParts, *, epochs: int) -> tuple[list[dict[str, Any]], Tensor | None]:
     """Restore what :func:`save_run` wrote, the global random states included; return the records and probe columns so far.
 
     Raises:
         ValueError: if the checkpoint is of another strategy or seed, or holds epochs the run does not have.
     """
-    counters = load_checkpoint(checkpoint, wrapper, optimizer=optimizer, scheduler=schedulers)  # and the random states
-    records, columns = _run_state(counters, checkpoint, strategy=strategy, seed=seed, epochs=epochs)
-    batch_order.set_state(decode_state(counters["batch_order"]))
-    if meta_batches is not None:
-        meta_batches.load_state(decode_state(counters["meta_order"]), counters["meta_taken"])
-    if scaler is not None:
-        scaler.load_state_dict(json.loads(counters["grad_scaler"]))
+    counters = load_checkpoint(checkpoint, run.wrapper, optimizer=run.optimizer, scheduler=run.schedulers)  # and the random states
+    records, columns = _run_state(counters, checkpoint, strategy=run.strategy, seed=run.seed, epochs=epochs)
+    run.batch_order.set_state(decode_state(counters["batch_order"]))
+    if run.meta_batches is not None:
+        run.meta_batches.load_state(decode_state(counters["meta_order"]), counters["meta_taken"])
+    if run.scaler is not None:
+        run.scaler.load_state_dict(json.loads(counters["grad_scaler"]))
     return records, columns
 
 

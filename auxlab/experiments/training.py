@@ -27,7 +27,7 @@ from auxlab.experiments.config import ExperimentConfig
 from auxlab.experiments.diagnostics import accuracies, collapse_diagnostic, weighting_params
 from auxlab.experiments.meta_batches import MetaBatches
 from auxlab.experiments.randomness import random_states_kept
-from auxlab.experiments.run_checkpoint import Schedulers, restore_run, save_run
+from auxlab.experiments.run_checkpoint import RunParts, Schedulers, restore_run, save_run
 from auxlab.experiments.strategies import Strategy
 from auxlab.experiments.tasks import TaskData
 from auxlab.wrapper import MetaAuxWrapper
@@ -119,16 +119,14 @@ def train_one(
         )
         meta_batches = MetaBatches(split.dev, batch_size=config.batch_size, seed=seed + 2**32) if split.dev is not None else None
         scaler = torch.amp.GradScaler(device.type) if config.autocast == "fp16" else None
+        parts = RunParts(wrapper, optimizer, scheduler_state, strategy, seed, batch_order, meta_batches, scaler)
         labels = "none" if wrapper.is_single_task else ("learned" if wrapper.generator_optimizer is not None else "fixed")
         psi = list(wrapper.mask.psi)
         records: list[dict[str, Any]] = []
         columns: Tensor | None = None
         first_epoch = 0
         if checkpoint is not None and resume and Path(checkpoint).is_file():
-            records, columns = restore_run(
-                checkpoint, wrapper, optimizer=optimizer, schedulers=scheduler_state, strategy=strategy, seed=seed,
-                epochs=config.epochs, batch_order=batch_order, meta_batches=meta_batches, scaler=scaler,
-            )
+            records, columns = restore_run(checkpoint, parts, epochs=config.epochs)
             if config.inner_lr is None:  # as set after the last epoch's scheduler step
                 wrapper.inner_lr = optimizer.param_groups[0]["lr"]
             first_epoch = len(records)
@@ -178,10 +176,7 @@ def train_one(
             records.append(record)
             log(epoch_line(record, config.epochs, sum(psi)))
             if checkpoint is not None:
-                save_run(
-                    checkpoint, wrapper, optimizer=optimizer, schedulers=scheduler_state, strategy=strategy, seed=seed, epoch=epoch,
-                    records=records, columns=columns, batch_order=batch_order, meta_batches=meta_batches, scaler=scaler,
-                )
+                save_run(checkpoint, parts, epoch=epoch, records=records, columns=columns)
     return RunOutcome(records, columns, probe_full if columns is not None else None)
 
 

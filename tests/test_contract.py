@@ -37,7 +37,7 @@ def _data() -> tuple[Tensor, Tensor, TrainingData]:
 
 
 def _build(generator: str, weighting: str, *, seed: int) -> MetaAuxWrapper:
-    images, labels, data = _data()
+    *_, data = _data()
     kwargs: dict[str, Any] = {} if generator == "single" else GENERATORS[generator].kwargs_from_data(data)
     torch.manual_seed(seed)
     return MetaAuxWrapper(

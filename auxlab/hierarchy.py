@@ -194,6 +194,39 @@ class HierarchyMask:
         compute_dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
         return torch.softmax(masked, dim=1, dtype=compute_dtype).to(scores.dtype)
 
+    def balance(self, probs: Tensor, y: Tensor, *, iterations: int = 3) -> Tensor:
+        """Sinkhorn-Knopp equipartition of each class's samples over its sub-classes, within the batch.
+
+        Alternately rescales the columns, so that sub-class ``k`` of class ``c`` holds ``n_c / psi[c]``
+        of the probability mass of the batch's ``n_c`` samples of class ``c``, and the rows, so that
+        each sums to 1 (as SwAV balances its codes over a batch). It ends on the rows: every row stays
+        a distribution over its sample's block, zero elsewhere. Differentiable; a class absent from
+        the batch keeps empty columns.
+
+        Args:
+            probs: ``(B, K)`` probabilities, zero outside each sample's block (e.g. :meth:`softmax`).
+            y: ``(B,)`` primary labels in ``[0, C)``.
+            iterations: column-and-row rescalings; 0 returns ``probs``.
+
+        Returns:
+            ``(B, K)`` balanced probabilities.
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+        if probs.dim() != 2 or probs.shape[1] != self.num_aux_classes or y.shape != probs.shape[:1]:
+            raise ValueError(f"probs must have shape (B, {self.num_aux_classes}) and y (B,), got {tuple(probs.shape)} and {tuple(y.shape)}")
+        rows = self.rows(y)
+        block_sizes = torch.tensor(self._psi, device=probs.device, dtype=probs.dtype).repeat_interleave(
+            torch.tensor(self._psi, device=probs.device)
+        )
+        column_mass = rows.sum(0).to(probs.dtype) / block_sizes  # n_c / psi[c] for each column of block c
+        tiny = torch.finfo(probs.dtype).tiny
+        q = probs
+        for _ in range(iterations):
+            q = q * (column_mass / q.sum(0).clamp_min(tiny))
+            q = q / q.sum(1, keepdim=True).clamp_min(tiny)
+        return q
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HierarchyMask) and self._psi == other._psi
 

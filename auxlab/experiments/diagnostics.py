@@ -9,7 +9,6 @@ draw from the generator's random stream.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from auxlab.datasets import ImageDataset
+from auxlab.diagnostics import hypergradient_parts, label_statistics, parameter_movement
 from auxlab.experiments.config import ExperimentConfig
 from auxlab.experiments.tasks import TaskData
 from auxlab.wrapper import MetaAuxWrapper
 
-__all__ = ["accuracies", "collapse_diagnostic", "evaluate", "weighting_params"]
+__all__ = ["LEARNING_DIAGNOSTICS", "accuracies", "collapse_diagnostic", "evaluate", "learning_diagnostics", "weighting_params"]
+
+#: The record keys of :func:`learning_diagnostics`.
+LEARNING_DIAGNOSTICS = ("generator_movement", "meta_primary_norm", "meta_entropy_norm", "meta_cosine")
+
+#: Probe samples on which :func:`learning_diagnostics` measures the meta objective's gradients.
+_GRADIENT_PROBE = 256
 
 
 @torch.no_grad()
@@ -82,62 +88,54 @@ def weighting_params(wrapper: MetaAuxWrapper) -> dict[str, list[float]] | None:
 def collapse_diagnostic(
     wrapper: MetaAuxWrapper, dataset: ImageDataset, indices: Tensor, *, batch_size: int, device: torch.device
 ) -> tuple[dict[str, Any], Tensor]:
-    """How many of its sub-classes each primary class actually uses, and how sure the labels are.
+    """How the auxiliary labels of the probe samples use the sub-classes, how sure they are, and (with
+    the dataset's fine labels) how they agree with them: :func:`auxlab.diagnostics.label_statistics`.
 
     Every probe sample (``indices`` into ``dataset``, the training split) gets the distribution its
-    auxiliary label comes from, ``wrapper.aux_targets(..., distribution=True)`` (the generator's targets, run in its
-    current mode without updating its statistics; for a policy that draws its labels, ``"rl"``, the
-    policy's probabilities, its targets being one draw from them, and no random number is drawn).
-    For primary class ``c`` with ``n_c`` probe samples:
-
-    - ``share[c][j]``: the fraction of the ``n_c`` samples whose argmax is sub-class ``j`` of block ``c``;
-    - ``used[c]``: the number of sub-classes with ``share > 1 / (2 psi[c])``, i.e. more than half of
-      the share a uniform spread would give them (``psi[c]`` when all are in use, 1 when collapsed);
-    - ``entropy[c]``: ``-sum_j share[c][j] ln share[c][j]`` in nats, from 0 (collapsed) to ``ln psi[c]``;
-    - ``confidence[c]``: the mean over the ``n_c`` samples of their target's largest probability,
-      from ``1 / psi[c]`` (flat soft targets: the argmax says little) to 1 (hard labels);
-    - ``soft_share[c][j]``: the mean probability of sub-class ``j`` over the ``n_c`` samples.
-
-    A class with no probe sample has all of these 0.
+    auxiliary label comes from, ``wrapper.aux_targets(..., distribution=True)`` (the generator's targets,
+    run in its current mode without updating its statistics; for a policy that draws its labels,
+    ``"rl"``, the policy's probabilities, and no random number is drawn).
 
     Returns:
-        ``(diagnostic, columns)``: ``diagnostic`` holds ``subclass_share``, ``subclasses_used``,
-        ``subclass_entropy``, ``target_confidence`` and ``subclass_soft_share`` (per class, as above);
-        ``columns`` is the ``(M,)`` argmax auxiliary column of each probe sample.
+        ``(diagnostic, distribution)``: the statistics (per class: ``subclass_share``,
+        ``subclasses_used``, ``subclass_entropy``, ``target_confidence``, ``subclass_soft_share``; over
+        all: ``confidence``, ``used_fraction``, ``batch_entropy`` and, with fine labels, ``fine_nmi``)
+        and the ``(M, K)`` distributions (their argmax is each sample's auxiliary column).
 
     Raises:
         ValueError: for a single-task wrapper, which has no auxiliary labels.
     """
-    generator = wrapper.generator
-    if generator is None:
+    if wrapper.generator is None:
         raise ValueError("generator='single' trains without auxiliary labels; there are no targets")
-    mask = wrapper.mask
     pieces = []
     for start in range(0, indices.shape[0], batch_size):
         index = indices[start : start + batch_size]
         x, y = dataset.images[index].to(device), dataset.labels[index].to(device)
         pieces.append(wrapper.aux_targets(x, y, index=index.to(device), distribution=True).double().cpu())
-    targets = torch.cat(pieces)
-    columns = targets.argmax(1)
-    labels = dataset.labels[indices]
-    shares, used, entropy, confidence, soft = [], [], [], [], []
-    for c, size in enumerate(mask.psi):
-        block = mask.block(c)
-        in_class = labels == c
-        count = torch.bincount(columns[in_class] - block.start, minlength=size).double()
-        share = count / count.sum() if count.sum() > 0 else count
-        shares.append([float(s) for s in share])
-        used.append(int((share > 1.0 / (2 * size)).sum()))
-        entropy.append(float(-sum(s * math.log(s) for s in share.tolist() if s > 0)))
-        probabilities = targets[in_class][:, block.start : block.stop]
-        present = probabilities.shape[0] > 0
-        confidence.append(float(probabilities.max(1).values.mean()) if present else 0.0)
-        soft.append([float(p) for p in probabilities.mean(0)] if present else [0.0] * size)
-    diagnostic = {
-        "subclass_share": shares,
-        "subclasses_used": used,
-        "subclass_entropy": entropy,
-        "target_confidence": confidence,
-        "subclass_soft_share": soft,
-    }
-    return diagnostic, columns
+    distribution = torch.cat(pieces)
+    fine = dataset.fine_labels[indices] if dataset.fine_labels is not None else None
+    diagnostic = label_statistics(distribution, dataset.labels[indices], wrapper.mask, fine_labels=fine)
+    return diagnostic, distribution
+
+
+
+def learning_diagnostics(
+    wrapper: MetaAuxWrapper, initial: dict[str, Tensor], data: TaskData, probe: Tensor, config: ExperimentConfig, device: torch.device
+) -> dict[str, float | None]:
+    """How the meta learner moves: ``generator_movement``, the relative distance of its parameters from
+    ``initial`` (:func:`auxlab.diagnostics.parameter_movement`), and, for a learner whose objective is a
+    primary and an entropy term (MAXL's), the norms of their gradients and their cosine on the first
+    probe samples (:func:`auxlab.diagnostics.hypergradient_parts`). None where they do not apply."""
+    values: dict[str, float | None] = dict.fromkeys(LEARNING_DIAGNOSTICS)
+    learner = wrapper.meta_learner
+    if learner is None:
+        return values
+    values["generator_movement"] = parameter_movement(learner.owner, initial)
+    index = probe[:_GRADIENT_PROBE]
+    x, y = data.train.images[index].to(device), data.train.labels[index].to(device)
+    try:
+        parts = hypergradient_parts(wrapper, x, y, index=index.to(device))
+    except ValueError:  # a learner whose objective is not MAXL's two terms (REINFORCE, module weights)
+        return values
+    values.update(meta_primary_norm=parts["primary_norm"], meta_entropy_norm=parts["entropy_norm"], meta_cosine=parts["cosine"])
+    return values

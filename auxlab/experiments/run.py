@@ -48,6 +48,8 @@ __all__ = [
 # train_one live in auxlab.experiments.training, .build and .diagnostics; they stay importable from here.
 
 CHECKPOINTS = "checkpoints"
+#: The folder of each run's final label distributions on the probe samples (``<strategy>-seed<seed>.pt``).
+LABELS = "labels"
 """The folder of ``<out>/<name>/`` that holds each run's checkpoint, ``<strategy>-seed<seed>.pt``."""
 
 
@@ -156,6 +158,9 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
             continue
         outcome = train_one(config, data, strategy=strategy, seed=seed, probe=probe, log=log, checkpoint=checkpoint, resume=config.resume)
         runs[strategy, seed] = outcome.records
+        if outcome.probe_distribution is not None:  # the final labels, to compare runs (e.g. with a control)
+            (run_dir / LABELS).mkdir(exist_ok=True)
+            torch.save({"probe": outcome.probe, "distribution": outcome.probe_distribution.float()}, run_dir / LABELS / f"{strategy}-seed{seed}.pt")
         if grid_run and outcome.probe is not None:
             grid_columns, grid_probe = outcome.probe_columns, outcome.probe
         write_metrics()

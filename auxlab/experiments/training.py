@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader
 from auxlab.data import IndexedDataset
 from auxlab.experiments.build import build_wrapper, run_data
 from auxlab.experiments.config import ExperimentConfig
-from auxlab.experiments.diagnostics import accuracies, collapse_diagnostic, weighting_params
+from auxlab.experiments.diagnostics import (
+    LEARNING_DIAGNOSTICS,
+    accuracies,
+    collapse_diagnostic,
+    learning_diagnostics,
+    weighting_params,
+)
 from auxlab.experiments.meta_batches import MetaBatches
 from auxlab.experiments.randomness import random_states_kept
 from auxlab.experiments.run_checkpoint import RunParts, Schedulers, restore_run, save_run
@@ -48,11 +54,14 @@ class RunOutcome:
             strategy that augments the batch).
         probe: ``(M,)`` indices into the task's training split of those samples: the probe set, less
             its samples in the run's development split; None with ``probe_columns``.
+        probe_distribution: ``(M, K)`` their label distributions after the last epoch (the argmax is
+            ``probe_columns``); None with ``probe_columns``.
     """
 
     records: list[dict[str, Any]]
     probe_columns: Tensor | None
     probe: Tensor | None = None
+    probe_distribution: Tensor | None = None
 
 
 
@@ -124,7 +133,9 @@ def train_one(
         psi = list(wrapper.mask.psi)
         records: list[dict[str, Any]] = []
         columns: Tensor | None = None
+        distribution: Tensor | None = None
         first_epoch = 0
+        initial = {name: p.detach().clone() for name, p in wrapper.meta_learner.owner.named_parameters()} if wrapper.meta_learner is not None else {}
         if checkpoint is not None and resume and Path(checkpoint).is_file():
             records, columns = restore_run(checkpoint, parts, epochs=config.epochs)
             if config.inner_lr is None:  # as set after the last epoch's scheduler step
@@ -168,16 +179,18 @@ def train_one(
                 "subclass_entropy": None,
                 "target_confidence": None,
                 "subclass_soft_share": None,
+                **dict.fromkeys(LEARNING_DIAGNOSTICS),
             }
             if spec.has_label_diagnostics:
                 wrapper.train()  # the generator's training mode; the diagnostic leaves its statistics alone
-                diagnostic, columns = collapse_diagnostic(wrapper, data.train, probe_local, batch_size=config.eval_batch_size, device=device)
-                record.update(diagnostic)
+                diagnostic, distribution = collapse_diagnostic(wrapper, data.train, probe_local, batch_size=config.eval_batch_size, device=device)
+                columns = distribution.argmax(1)
+                record.update(diagnostic, **learning_diagnostics(wrapper, initial, data, probe_local, config, device))
             records.append(record)
             log(epoch_line(record, config.epochs, sum(psi)))
             if checkpoint is not None:
                 save_run(checkpoint, parts, epoch=epoch, records=records, columns=columns)
-    return RunOutcome(records, columns, probe_full if columns is not None else None)
+    return RunOutcome(records, columns, probe_full if columns is not None else None, distribution)
 
 
 def has_meta_step(wrapper: MetaAuxWrapper) -> bool:

@@ -146,6 +146,11 @@ class MetaLearner:
         Changes nothing, as :meth:`update`."""
         return None
 
+    def terms(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
+        """The meta objective's terms on ``batch`` by name, differentiable with respect to the learner's
+        parameters, for diagnostics (:func:`auxlab.diagnostics.hypergradient_parts`); none by default."""
+        return {}
+
     def gradient(self, ctx: StepContext, objective: Tensor, terms: Mapping[str, Tensor], *, buffers: Mapping[str, Tensor] | None = None) -> MetaUpdate | None:
         """The update that minimises ``objective``: its gradient for the learner's parameters
         (summed over the ranks, each of which holds its own samples' share), checked finite; None if

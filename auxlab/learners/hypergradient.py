@@ -74,11 +74,23 @@ class HypergradientLearner(MetaLearner):
         update = None if overflow else self._update(ctx, shared.surrogate, targets, buffers)  # raises before anything changed, if it must
         return ModelStep(loss, shared.grads if finite else None, shared.buffers), update
 
+    def terms(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
+        """The meta objective's two terms on ``batch``, differentiable with respect to the generator:
+        ``"primary"``, the primary loss after the virtual step, and ``"entropy"``,
+        ``entropy_weight * sum_k pbar_k log pbar_k`` (for diagnostics: their gradients apart)."""
+        targets, _ = ctx.targets(batch.x, batch.y, batch.index)
+        primary = ctx.engine.meta_loss(ctx.problem(batch, targets))
+        return {"primary": primary, "entropy": ctx.entropy_weight * self._entropy_term(ctx, targets)}
+
     def _update(self, ctx: StepContext, meta_primary: Tensor, targets: Tensor, buffers: Mapping[str, Tensor]) -> MetaUpdate | None:
         """The generator's update for ``meta_primary + entropy_weight * sum_k pbar_k log pbar_k``."""
-        label_distribution = ctx.reducer.mean(targets.mean(dim=0))  # the labels of every rank's batch together
-        entropy_term = negative_entropy(label_distribution)
+        entropy_term = self._entropy_term(ctx, targets)
         objective = meta_primary + ctx.entropy_weight * entropy_term
         terms = {"primary loss at theta'": meta_primary, "entropy term": entropy_term}
         return self.gradient(ctx, objective, terms, buffers=buffers)
+
+    @staticmethod
+    def _entropy_term(ctx: StepContext, targets: Tensor) -> Tensor:
+        """``sum_k pbar_k log pbar_k`` of the labels of every rank's batch together."""
+        return negative_entropy(ctx.reducer.mean(targets.mean(dim=0)))
 

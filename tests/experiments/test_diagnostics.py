@@ -39,12 +39,13 @@ def test_collapse_diagnostic_definition() -> None:
     mask = HierarchyMask([1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
     probe = torch.arange(300)
     collapsed = MetaAuxWrapper(SmallCNN(width=4), num_classes=10, mask=mask, generator=_OneSubclass(mask))
-    stats, columns = collapse_diagnostic(collapsed, data, probe, batch_size=64, device=torch.device("cpu"))
+    stats, distribution = collapse_diagnostic(collapsed, data, probe, batch_size=64, device=torch.device("cpu"))
     assert stats["subclasses_used"] == [1] * 10
     assert stats["subclass_entropy"] == [0.0] * 10
     assert all(share[0] == 1.0 and sum(share) == 1.0 for share in stats["subclass_share"])
     assert stats["target_confidence"] == [1.0] * 10 and stats["subclass_soft_share"] == stats["subclass_share"]
-    assert columns.shape == (300,)
+    assert distribution.shape == (300, mask.num_aux_classes)
+    assert stats["confidence"] == 1.0 and stats["used_fraction"] == 10 / mask.num_aux_classes and "fine_nmi" not in stats
 
     spread = MetaAuxWrapper(SmallCNN(width=4), num_classes=10, mask=mask, generator=_RoundRobin(mask))
     stats, _ = collapse_diagnostic(spread, data, probe, batch_size=64, device=torch.device("cpu"))
@@ -85,9 +86,9 @@ def test_the_diagnostic_reads_the_targets_and_leaves_the_run_as_it_was(generator
     distribution = wrapper.aux_targets(data.images, data.labels, distribution=True)
     assert_unchanged(wrapper, before)  # maxl's BatchNorm statistics, the classifier's, the rng states
     assert torch.equal(distribution, wrapper.aux_targets(data.images, data.labels))
-    _, columns = collapse_diagnostic(wrapper, data, torch.arange(60), batch_size=60, device=torch.device("cpu"))
+    _, probe_distribution = collapse_diagnostic(wrapper, data, torch.arange(60), batch_size=60, device=torch.device("cpu"))
     assert_unchanged(wrapper, before)
-    assert torch.equal(columns, distribution.argmax(1))
+    assert torch.equal(probe_distribution, distribution.double())
 
 
 def test_a_single_task_wrapper_has_no_diagnostic() -> None:

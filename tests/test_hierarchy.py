@@ -297,3 +297,45 @@ def test_near_zero_mask_leaks_probability_but_ours_is_exactly_zero() -> None:
     leaked = naive_masked_softmax(scores, mask.rows(y), floor=1e-8)[0, 2]
     assert leaked > 0.5
     assert mask.softmax(scores, y)[0].tolist() == [0.5, 0.5, 0.0]
+
+
+# ------------------------------------------------------------------------------ balance (Sinkhorn-Knopp)
+@given(
+    psi=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    batch=st.integers(1, 24),
+    seed=st.integers(0, 2**16),
+)
+def test_balance_keeps_distributions_in_their_blocks_and_equalises_the_sub_classes(psi: list[int], batch: int, seed: int) -> None:
+    mask = HierarchyMask(psi)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, len(psi), (batch,), generator=g)
+    probs = mask.softmax(3 * torch.randn(batch, mask.num_aux_classes, generator=g, dtype=torch.float64), y)
+    balanced = mask.balance(probs, y, iterations=200)
+    assert torch.allclose(balanced.sum(1), torch.ones(batch, dtype=torch.float64))
+    assert torch.equal(balanced[~mask.rows(y)], torch.zeros_like(balanced[~mask.rows(y)]))  # exactly 0 outside each block
+    for c, size in enumerate(psi):
+        n_c = int((y == c).sum())
+        columns = balanced[:, mask.block(c).start : mask.block(c).stop].sum(0)
+        assert torch.allclose(columns, torch.full((size,), n_c / size, dtype=torch.float64), atol=1e-6), (c, columns)
+    assert torch.equal(mask.balance(probs, y, iterations=0), probs)
+
+
+def test_balance_spreads_a_collapsed_batch_and_has_a_gradient() -> None:
+    mask = HierarchyMask.uniform(2, 3)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    scores = torch.tensor([[5.0, 0.0, 0.0]] * 3 + [[0.0, 0.0, 5.0]] * 3).repeat(1, 2).requires_grad_()
+    probs = mask.softmax(scores, y)
+    assert probs.argmax(1).tolist() == [0, 0, 0, 5, 5, 5]  # every sample of a class on one sub-class
+    balanced = mask.balance(probs, y, iterations=3)
+    assert balanced.sum(0).tolist() == pytest.approx([1.0] * 6, abs=0.05)  # spread: n_c / psi = 1 per sub-class
+    (grad,) = torch.autograd.grad(balanced[0, 1], scores)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_balance_refuses_bad_arguments() -> None:
+    mask = HierarchyMask.uniform(2, 2)
+    y = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="iterations must be a non-negative integer, got -1"):
+        mask.balance(torch.full((2, 4), 0.5), y, iterations=-1)
+    with pytest.raises(ValueError, match=r"probs must have shape \(B, 4\) and y \(B,\)"):
+        mask.balance(torch.full((2, 3), 0.5), y)

@@ -12,6 +12,7 @@ from auxlab._seeding import seeded
 from auxlab.generators._features import FeatureReader, check_features, feature_mlp
 from auxlab.generators.base import AuxLabelGenerator, check_mask
 from auxlab.hierarchy import HierarchyMask
+from auxlab.learners.hypergradient import ScaleFreeHypergradientLearner
 
 
 def label_options(temperature: float, balance_iterations: int) -> tuple[float, int]:
@@ -175,13 +176,17 @@ class BalancedMAXLGenerator(MAXLGenerator, name="maxl-balanced"):
     iterations (:meth:`~auxlab.HierarchyMask.balance`, as SwAV balances its codes) and sharpened by a
     temperature. Collapse onto one sub-class is impossible by construction, so the entropy term has
     nothing left to do (its gradient vanishes once the batch is balanced) and the generator's gradient
-    is the primary task's. Measured in benchmarks/results/fashion_mnist/learning_generator.md.
+    is the primary task's; its learner steps it with Adam by default (the one-step hypergradient is
+    proportional to ``inner_lr``, too small for plain SGD at lr 1e-3). Measured in
+    benchmarks/results/fashion_mnist/learning_generator.md.
 
     Args:
         mask, network: as for :class:`MAXLGenerator`.
         temperature: default 0.5.
         balance_iterations: default 3.
     """
+
+    learner = ScaleFreeHypergradientLearner
 
     def __init__(self, mask: HierarchyMask, *, network: nn.Module, temperature: float = 0.5, balance_iterations: int = 3) -> None:
         super().__init__(mask, network=network, temperature=temperature, balance_iterations=balance_iterations)
@@ -190,6 +195,8 @@ class BalancedMAXLGenerator(MAXLGenerator, name="maxl-balanced"):
 class BalancedLightMAXLGenerator(LightMAXLGenerator, name="maxl-light-balanced"):
     """The light generator (an MLP on the classifier's features) with balanced, sharpened targets, as
     :class:`BalancedMAXLGenerator`: temperature 0.5 and 3 Sinkhorn-Knopp iterations by default."""
+
+    learner = ScaleFreeHypergradientLearner
 
     def __init__(
         self, mask: HierarchyMask, *, model: nn.Module, head_name: str, hidden: int | None = None, seed: int = 0,

@@ -137,6 +137,10 @@ class ExperimentConfig:
     meta_every: int = field(default=1, metadata=_help("take the meta step on every meta_every-th batch only; 1: every batch, as in the paper"))
     virtual_params: tuple[str, ...] | None = field(default=None, metadata=_help(
         "comma-separated names or name prefixes of the parameters the virtual step moves (e.g. aux_head,model.classifier); none: all, as in the paper"))
+    recalibrate_bn: bool = field(default=False, metadata=_help(
+        "before each evaluation, recompute the classifier's BatchNorm running statistics at its current weights by one pass over the "
+        "training split (torch.optim.swa_utils.update_bn; training itself is unchanged). The original MAXL code got this as a side "
+        "effect of its train-mode meta pass"))
     max_batches: int | None = field(default=None, metadata=_help("stop each epoch (each phase, when alternating) after this many batches; none: all"))
     device: str = field(default="cpu", metadata=_help("torch device to train on, e.g. cpu or cuda"))
     autocast: str | None = field(default=None, metadata=_help(

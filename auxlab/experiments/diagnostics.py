@@ -21,7 +21,7 @@ from auxlab.experiments.config import ExperimentConfig
 from auxlab.experiments.tasks import TaskData
 from auxlab.wrapper import MetaAuxWrapper
 
-__all__ = ["LEARNING_DIAGNOSTICS", "accuracies", "collapse_diagnostic", "evaluate", "learning_diagnostics", "weighting_params"]
+__all__ = ["LEARNING_DIAGNOSTICS", "accuracies", "collapse_diagnostic", "evaluate", "learning_diagnostics", "recalibrate_batchnorm", "weighting_params"]
 
 #: The record keys of :func:`learning_diagnostics`.
 LEARNING_DIAGNOSTICS = ("generator_movement", "meta_primary_norm", "meta_entropy_norm", "meta_cosine")
@@ -139,3 +139,12 @@ def learning_diagnostics(
         return values
     values.update(meta_primary_norm=parts["primary_norm"], meta_entropy_norm=parts["entropy_norm"], meta_cosine=parts["cosine"])
     return values
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, dataset: ImageDataset, *, batch_size: int, device: torch.device) -> None:
+    """Recompute ``model``'s BatchNorm running statistics at its current weights: reset them and
+    average the batch statistics of one pass over ``dataset`` in order
+    (``torch.optim.swa_utils.update_bn``). The model's mode is restored; no random number is drawn."""
+    batches = [dataset.images[start : start + batch_size] for start in range(0, len(dataset), batch_size)]
+    torch.optim.swa_utils.update_bn(batches, model, device=device)

@@ -29,6 +29,7 @@ from auxlab.experiments.diagnostics import (
     accuracies,
     collapse_diagnostic,
     learning_diagnostics,
+    recalibrate_batchnorm,
     weighting_params,
 )
 from auxlab.experiments.meta_batches import MetaBatches
@@ -159,6 +160,8 @@ def train_one(
                 if config.inner_lr is None:  # alpha follows the model's learning rate, as in the original code
                     wrapper.inner_lr = optimizer.param_groups[0]["lr"]
             last = epoch == config.epochs
+            if config.recalibrate_bn:
+                recalibrate_batchnorm(wrapper.model, data.train, batch_size=config.eval_batch_size, device=device)
             record: dict[str, Any] = {
                 "strategy": strategy,
                 "seed": seed,

@@ -162,3 +162,23 @@ def test_no_progress_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert progress_bar(3, "epoch", True) is None
     assert progress_bar(3, "epoch", False) is None
 
+
+
+def test_recalibrate_bn_changes_the_evaluation_and_not_the_training(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("single", "maxl"), seeds=(0,), epochs=2)
+    plain = run_experiment(config, log=quiet).records
+    recalibrated = run_experiment(replace(config, name="recalibrated", recalibrate_bn=True), log=quiet).records
+    assert [r["train_loss"] for r in plain] == [r["train_loss"] for r in recalibrated]  # the same training
+    assert [r["target_confidence"] for r in plain] == [r["target_confidence"] for r in recalibrated]  # the same labels
+    assert [r["val_loss"] for r in plain] != [r["val_loss"] for r in recalibrated]  # BatchNorm statistics at the final weights
+
+
+def test_the_runner_records_the_learning_diagnostics_and_saves_the_final_labels(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("random", "maxl-balanced"), seeds=(0,), epochs=1)
+    result = run_experiment(config, log=quiet)
+    last = {r["strategy"]: r for r in result.records if r["epoch"] == 1}
+    assert last["random"]["generator_movement"] is None and last["random"]["confidence"] == 1.0
+    assert last["maxl-balanced"]["generator_movement"] > 0 and last["maxl-balanced"]["meta_entropy_norm"] < 1e-6
+    assert last["maxl-balanced"]["meta_primary_norm"] > 0 and -1 <= last["maxl-balanced"]["meta_cosine"] <= 1
+    saved = torch.load(tmp_path / config.name / "labels" / "maxl-balanced-seed0.pt")  # type: ignore[operator]
+    assert saved["distribution"].shape == (saved["probe"].shape[0], sum(last["maxl-balanced"]["psi"]))

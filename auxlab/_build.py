@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -143,10 +143,15 @@ def build_learner(
 ) -> MetaLearner | None:
     """The learner of whatever learns in the meta step (the strategy's labels or the weighting), or None."""
     learnable = [p for p in generator.parameters() if p.requires_grad] if generator is not None else []
+    weights = [p for p in weighting.parameters() if p.requires_grad] if weighting.learner is not None else []
+    if learnable and weights:
+        raise ValueError(
+            f"generator={strategy_name(cast(AuxLabelGenerator, generator))!r} and weighting={strategy_name(weighting)!r} both learn in the "
+            "meta step, and a wrapper has one meta learner; use a strategy whose labels do not learn with this weighting"
+        )
     if learnable and generator is not None:
         return generator.learner(generator, optimizer=(generator_optimizer or generator.learner.default_optimizer)(learnable), meta_every=meta_every)
-    weights = [p for p in weighting.parameters() if p.requires_grad]
-    if weighting.learner is not None and weights:
+    if weights and weighting.learner is not None:
         return weighting.learner(weighting, optimizer=(weighting_optimizer or weighting.learner.default_optimizer)(weights), meta_every=meta_every)
     return None
 

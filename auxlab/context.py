@@ -134,8 +134,8 @@ class StepContext:
         caller's forward pass has it, else from a forward pass here (no gradient, buffer copies).
         """
         generator = self.strategy
-        inputs = self.generator_input(x, features)
         with record_function("auxlab.targets"):
+            inputs = self.generator_input(x, features)
             method = "label_distribution" if distribution else "forward"
             targets, buffers = call_on_buffer_copies(generator, inputs, y, index, method=method)
         expected = (y.shape[0], self.mask.num_aux_classes)

@@ -14,7 +14,7 @@ from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep
 from auxlab.losses import classification_loss
 from auxlab.multitask import call_on_buffer_copies, commit_buffers
 
-__all__ = ["meta_step", "model_loss", "step", "zero_loss"]
+__all__ = ["loss", "meta_step", "model_loss", "step", "zero_loss"]
 
 
 def model_loss(ctx: StepContext, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, dict[str, Tensor], bool]:
@@ -54,6 +54,18 @@ def model_loss(ctx: StepContext, x: Tensor, y: Tensor, index: Tensor | None) -> 
             grads = combined_gradients(g_pri, g_aux, ctx.aux_weight, scales, params)
         loss = attach_gradient(loss, list(params.values()), [grads[name] for name in params])
     return loss, buffers, True
+
+
+def loss(ctx: StepContext, batch: Batch) -> Tensor:
+    """:meth:`~auxlab.MetaAuxWrapper.loss`: :func:`model_loss`, whose buffers are committed if it is
+    finite; a zero loss with zero gradients if it is not and ``nonfinite="skip"``."""
+    with record_function("auxlab.loss"):
+        ctx.reducer.warn_unaveraged_loss()
+        value, buffers, finite = model_loss(ctx, batch.x, batch.y, batch.index)
+        if not finite:
+            return zero_loss(ctx.model_params, value.device)
+        commit_buffers(ctx.net, buffers)  # the model's BatchNorm statistics move once, on a finite batch
+        return value
 
 
 def zero_loss(params: dict[str, nn.Parameter], device: torch.device) -> Tensor:

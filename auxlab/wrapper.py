@@ -17,7 +17,7 @@ from auxlab.distributed import LocalReducer
 from auxlab.generators import AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.learners.base import MetaLearner, OptimizerFactory
-from auxlab.multitask import MultiTaskNet, call_on_buffer_copies, commit_buffers, find_head
+from auxlab.multitask import MultiTaskNet, call_on_buffer_copies, find_head
 from auxlab.scaling import GradScaling, LossScaling
 from auxlab.weighting import AuxWeighting
 
@@ -186,14 +186,8 @@ class MetaAuxWrapper(nn.Module):
         ``[0, C)``; ``index``: ``(B,)`` dataset indices, for strategies with ``needs_index``. A
         ``FloatingPointError`` if the loss is not finite and ``nonfinite="raise"``."""
         batch = self._batch(x, y, index)
-        self._reducer.warn_unaveraged_loss()
         self.steps["model"] += 1
-        ctx = self._context()
-        loss, buffers, finite = steps.model_loss(ctx, batch.x, batch.y, index)
-        if not finite:
-            return steps.zero_loss(ctx.model_params, loss.device)
-        commit_buffers(self._net, buffers)  # the model's BatchNorm statistics move once, on a finite batch
-        return loss
+        return steps.loss(self._context(), batch)
 
     def aggregated_logits(self, x: Tensor) -> Tensor:
         """SLA's aggregated inference: ``(B, C)`` class scores of the joint auxiliary head over the

@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-step_cost = pytest.importorskip("benchmarks.step_cost")
-models = pytest.importorskip("benchmarks.models")
-
+from benchmarks import models, step_cost
 
 TINY = {"model": "cnn", "batch_size": 4, "image_size": 16, "psi": 2, "num_classes": 3}
 
@@ -236,7 +234,7 @@ def test_command_line_writes_the_report(mode: list[str], tmp_path: Path, capsys:
 # --------------------------------------------------------------------------------------- results layout
 RESULTS = ROOT / "benchmarks" / "results"
 #: What made each folder of benchmarks/results: a script of benchmarks/, or the experiments runner.
-RESULT_FOLDERS = {"step_cost", "jvp_variants", "jvp_weight_swap", "fashion_mnist"}
+RESULT_FOLDERS = {"step_cost", "jvp_variants", "jvp_weight_swap", "fashion_mnist", "hypergradient_equivalence"}
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 

@@ -119,7 +119,7 @@ def test_several_candidate_heads_need_head_argument() -> None:
         ({"num_classes": 3, "entropy_weight": float("nan")}, TypeError, r"entropy_weight must be a finite number"),
         ({"num_classes": 3, "focal_gamma": -2}, ValueError, r"focal_gamma must be >= 0"),
         ({"num_classes": 3, "engine": "jax"}, ValueError, r"engine='jax' is not known; choose one of"),
-        ({"num_classes": 3, "generator": "learned"}, ValueError, r"generator='learned' is not known; choose one of \[.*'human', 'kmeans', 'maxl', 'maxl-light', 'random'.*'single'.*\]"),
+        ({"num_classes": 3, "generator": "learned"}, ValueError, r"generator='learned' is not known; choose one of \[.*'human', 'kmeans', 'maxl', 'maxl-balanced', 'maxl-light', 'maxl-light-balanced', 'random'.*'single'.*\]"),
         ({"num_classes": 3, "generator": 3}, TypeError, r"generator must be a strategy name or an AuxLabelGenerator, got int"),
         ({"num_classes": 3, "generator": "random"}, TypeError, r"could not build generator='random' from generator_kwargs=\{\}"),
         ({"num_classes": 3, "generator": "single", "generator_kwargs": {"a": 1}}, ValueError, r"generator_kwargs has no meaning"),

@@ -93,8 +93,8 @@ class MetaLearner:
 
     @staticmethod
     def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """Adam, lr 1e-3."""
-        return torch.optim.Adam(params, lr=1e-3)
+        """The original MAXL code's generator optimizer: SGD, lr 1e-3, weight decay 5e-4."""
+        return torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
 
     def __init__(self, owner: nn.Module, *, optimizer: torch.optim.Optimizer, meta_every: int = 1) -> None:
         self.owner = owner

@@ -38,11 +38,6 @@ class HypergradientLearner(MetaLearner):
     distributed = True
     loss_scaling = True
 
-    @staticmethod
-    def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """The original MAXL code's generator optimizer: SGD, lr 1e-3, weight decay 5e-4."""
-        return torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
-
     def check_scaling(self, ctx: StepContext) -> None:
         """A loss scaler needs an engine whose gradients can be taken on scaled losses."""
         if not ctx.engine.loss_scaling:

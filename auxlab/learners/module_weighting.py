@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from auxlab._gradients import Scale, combined_gradients, detached
 from auxlab.engines import GradientsAtTheta, MetaProblem, gradients_at_theta, meta_loss_after
@@ -34,6 +34,11 @@ class GradientScaleLearner(MetaLearner):
 
     reweighting = True
     held_out_meta_batch = True
+
+    @staticmethod
+    def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam, lr 1e-3."""
+        return torch.optim.Adam(params, lr=1e-3)
 
     def update(self, ctx: StepContext, batch: Batch) -> MetaUpdate | None:
         problem, at_theta = self._at_theta(ctx, batch)

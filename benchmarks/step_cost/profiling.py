@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from typing_extensions import Self
 
 from auxlab import MetaAuxWrapper
-from auxlab.engines import SHARED_DERIVATIVES
+from auxlab.engines import ENGINES
 from benchmarks.step_cost.config import SINGLE, Config
 from benchmarks.step_cost.variants import base_model, make_batch, make_wrapper, single_task_step
 
@@ -368,7 +368,7 @@ def profile_engine(config: Config, engine: str, *, iterations: int = 3, row_limi
     plain_opt = torch.optim.SGD(plain.parameters(), lr=config.lr)
     wrapper = make_wrapper(base, config, config.generators[0], engine)
     labeller = Labeller(wrapper, torch.optim.SGD(wrapper.parameters(), lr=config.lr))
-    shared = engine in SHARED_DERIVATIVES
+    shared = ENGINES[engine].shares_gradient
 
     def one_round() -> None:
         with labeller.range(SINGLE):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from auxlab import MetaAuxWrapper
-from auxlab.engines import SHARED_DERIVATIVES
+from auxlab.engines import ENGINES
 from benchmarks.models import build_model
 from benchmarks.step_cost.config import (
     AUTOCAST_DTYPES,
@@ -142,8 +142,9 @@ def _under_autocast(variants: list[Variant], config: Config, device: torch.devic
 def build_variants(config: Config, x: Tensor, y: Tensor) -> list[Variant]:
     """Every variant of :meth:`Config.variant_names`, in that order, each on its own copy of one freshly
     initialised model on ``x``'s device, with its own SGD optimizer (and GradScaler under float16 autocast)."""
-    if config.autocast == "fp16" and any(e not in SHARED_DERIVATIVES for e in config.engines):
-        raise ValueError(f"autocast fp16 runs wrapper.step with a GradScaler, which needs engines among {sorted(SHARED_DERIVATIVES)}; got {config.engines}")
+    scaling = sorted(name for name, engine in ENGINES.items() if engine.loss_scaling)
+    if config.autocast == "fp16" and any(e not in scaling for e in config.engines):
+        raise ValueError(f"autocast fp16 runs wrapper.step with a GradScaler, which needs engines among {scaling}; got {config.engines}")
     device = x.device
     base = base_model(config, device)
 

@@ -3,7 +3,7 @@ registry entry, and nothing in the wrapper. It trains through ``meta_step`` and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 import torch
@@ -18,7 +18,11 @@ from auxlab.learners import HypergradientLearner, MetaLearner, MetaUpdate
 
 class PrimaryOnlyLearner(MetaLearner):
     """A learner of our own: the hypergradient of the meta loss through the wrapper's engine, with no
-    entropy term (MAXL's objective without its regulariser)."""
+    entropy term (MAXL's objective without its regulariser), stepped by Adam unless told otherwise."""
+
+    @staticmethod
+    def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=1e-3)
 
     def update(self, ctx: StepContext, batch: Batch) -> MetaUpdate | None:
         targets, buffers = ctx.targets(batch.x, batch.y, batch.index)
@@ -50,7 +54,7 @@ def test_a_strategy_with_its_own_learner_trains_through_every_path(table_labels:
     torch.manual_seed(0)
     wrapper = MetaAuxWrapper(TinyCNN(), num_classes=10, psi=3, generator="test-table", engine="jvp", inner_lr=0.5)
     assert isinstance(wrapper.generator, table_labels) and isinstance(wrapper.meta_learner, PrimaryOnlyLearner)
-    assert wrapper.generator_optimizer is wrapper.meta_learner.optimizer  # the base class's default, Adam
+    assert wrapper.generator_optimizer is wrapper.meta_learner.optimizer  # the learner's default_optimizer, Adam
     assert isinstance(wrapper.generator_optimizer, torch.optim.Adam)
     optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.05)
     assert all(p is not wrapper.generator.scores for p in wrapper.parameters())  # the user's optimizer never steps it

@@ -45,6 +45,10 @@ SCENARIOS: list[tuple[str, dict[str, Any]]] = [
     ("random uncertainty", {"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "uncertainty"}),
     ("random maoal", {"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "maoal"}),
     ("single", {"generator": "single"}),
+    # the strategies' default meta optimizers (every other scenario passes its own)
+    ("maxl default optimizer", {"default_optimizer": True}),
+    ("rl default optimizer", {"generator": "rl", "default_optimizer": True}),
+    ("random maoal default optimizer", {"generator": "random", "generator_kwargs": {"num_samples": 9}, "weighting": "maoal", "default_optimizer": True}),
 ]
 
 
@@ -65,7 +69,9 @@ def _wrapper(kwargs: dict[str, Any], *, generator_lr: float) -> Any:
     from auxlab import MetaAuxWrapper
 
     torch.manual_seed(0)
-    learning = kwargs.get("generator", "maxl") in ("maxl", "maxl-light", "rl")
+    kwargs = dict(kwargs)
+    default_optimizer = kwargs.pop("default_optimizer", False)
+    learning = kwargs.get("generator", "maxl") in ("maxl", "maxl-light", "rl") and not default_optimizer
     options: dict[str, Any] = {"inner_lr": 0.1, "aux_weight": 0.7, "entropy_weight": 0.3, "seed": 0, **kwargs}
     if learning:
         options["generator_optimizer"] = lambda params: torch.optim.SGD(params, lr=generator_lr, momentum=0.9)

@@ -231,12 +231,12 @@ def _finished_runs(records: Sequence[dict[str, Any]], config: ExperimentConfig) 
 
 
 def _remove_previous_run(run_dir: Path) -> None:
-    """Remove what an earlier experiment of the same name left that a resume would read: metrics and checkpoints."""
+    """Remove what an earlier experiment of the same name left that a resume would read or a reader
+    would mistake for this one's: metrics, checkpoints and final labels."""
     for name in ("metrics.jsonl", "metrics.csv"):
         (run_dir / name).unlink(missing_ok=True)
-    folder = run_dir / CHECKPOINTS
-    if folder.is_dir():
-        for path in [*folder.glob("*-seed*.pt"), *folder.glob(".*-seed*.pt.*.tmp")]:
+    for folder, patterns in ((run_dir / CHECKPOINTS, ("*-seed*.pt", ".*-seed*.pt.*.tmp")), (run_dir / LABELS, ("*-seed*.pt",))):
+        for path in [p for pattern in patterns for p in folder.glob(pattern)] if folder.is_dir() else []:
             path.unlink(missing_ok=True)
 
 

@@ -117,3 +117,12 @@ def test_the_subclass_grid_shows_a_strategy_that_labels_the_inputs_with_its_own_
 
     # The rule is read from the classes, not from a name: a strategy of one's own of that kind, listed first, is shown.
     assert grid_strategy(("random", "own-network", "maxl")) == "own-network"
+
+
+def test_a_fresh_run_of_the_same_name_leaves_no_label_file_of_the_earlier_one(tmp_path: Path) -> None:
+    config = tiny(tmp_path, strategies=("random", "maxl"), seeds=(0,), epochs=1)
+    run_experiment(config, log=quiet)
+    labels = tmp_path / config.name / "labels"  # type: ignore[operator]
+    assert sorted(p.name for p in labels.iterdir()) == ["maxl-seed0.pt", "random-seed0.pt"]
+    run_experiment(replace(config, strategies=("random",)), log=quiet)
+    assert sorted(p.name for p in labels.iterdir()) == ["random-seed0.pt"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -77,3 +81,14 @@ def assert_unchanged(module: nn.Module, before: dict[str, Tensor]) -> None:
 def multitask(wrapper: MetaAuxWrapper) -> MultiTaskNet:
     """The wrapper's multi-task network (classifier and auxiliary head), built from its public attributes."""
     return MultiTaskNet(wrapper.model, wrapper.head_name, wrapper.aux_head)
+
+
+@contextlib.contextmanager
+def restored(registry: MutableMapping[str, Any]) -> Iterator[None]:
+    """Put ``registry`` (e.g. ``GENERATORS``) back as it was when the block ends, whatever a test registered in it."""
+    before = dict(registry)
+    try:
+        yield
+    finally:
+        registry.clear()
+        registry.update(before)

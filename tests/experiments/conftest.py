@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-
-from auxlab.generators import GENERATORS
 
 
 @pytest.fixture(autouse=True)
@@ -19,11 +16,3 @@ def one_thread() -> Any:
     yield
     torch.set_num_threads(threads)
 
-
-@pytest.fixture
-def restore_registry() -> Iterator[None]:
-    """Unregister the strategies a test registers."""
-    before = dict(GENERATORS)
-    yield
-    GENERATORS.clear()
-    GENERATORS.update(before)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,14 +16,6 @@ from tests.generators.generator_helpers import MASK, TABLE_BUILDERS, build_rando
 
 
 # ------------------------------------------------------------------------------ registry and base class
-@pytest.fixture
-def restore_registry() -> Iterator[None]:
-    before = dict(GENERATORS)
-    yield
-    GENERATORS.clear()
-    GENERATORS.update(before)
-
-
 @pytest.mark.parametrize(
     ("name", "cls"),
     [("maxl", MAXLGenerator), ("random", RandomLabels), ("kmeans", KMeansLabels), ("human", HumanLabels)],

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyMLP
+from helpers import TinyMLP, restored
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -46,10 +46,8 @@ def hand_aggregate(aux: Tensor, mask: HierarchyMask, count: int) -> Tensor:
 
 @pytest.fixture
 def restore_transformations() -> Iterator[None]:
-    before = dict(TRANSFORMATIONS)
-    yield
-    TRANSFORMATIONS.clear()
-    TRANSFORMATIONS.update(before)
+    with restored(TRANSFORMATIONS):
+        yield
 
 
 # ------------------------------------------------------------------------------ registration and construction

@@ -75,14 +75,20 @@ def _gain(final: dict[tuple[str, int], dict[str, Any]], strategy: str, baseline:
     return f"{gain:+.2f} ± {se:.2f}{' (> 2 s.e.)' if abs(gain) > 2 * se else ''}"
 
 
-def compare(run: Path, control: Path) -> tuple[str, dict[str, Any]]:
-    """The Markdown report, and the per-epoch curves for the plot."""
+def compare(run: Path, control: Path, baselines: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The Markdown report, and the per-epoch curves for the plot. ``baselines``: another experiment of
+    the same task and seeds whose strategies the run lacks (e.g. ``single`` and ``human``)."""
     run_final, control_final = _final(_records(run)), _final(_records(control))
+    if baselines is not None:
+        extra = _final(_records(baselines))
+        run_final = {**{k: v for k, v in extra.items() if k[0] not in {s for s, _ in run_final}}, **run_final}
     # the strategies whose labels learn (a generator that moves), run in both
     learnt = sorted({s for (s, _), r in control_final.items() if r.get("generator_movement") is not None} & {s for s, _ in run_final})
     seeds = sorted({seed for _, seed in run_final})
     lines = [
-        f"Run: `{run.name}`; control (primary hypergradient off): `{control.name}`; seeds {seeds}. Mean ± standard error over seeds.",
+        f"Run: `{run.name}`; control (primary hypergradient off): `{control.name}`"
+        + (f"; baselines from `{baselines.name}`" if baselines is not None else "")
+        + f"; seeds {seeds}. Mean ± standard error over seeds.",
         "",
         "| strategy | test acc. (%) | gain over single (pp) | gain over human (pp) |",
         "|---|---:|---:|---:|",
@@ -163,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="the runner's folder of the experiment")
     parser.add_argument("--control", type=Path, required=True, help="the runner's folder of its control (--inner-lr 1e-9)")
+    parser.add_argument("--baselines", type=Path, help="an experiment of the same task and seeds with the strategies the run lacks (single, human)")
     parser.add_argument("--out", type=Path, help="write the report here (Markdown) and the plot beside it (PNG)")
     args = parser.parse_args(argv)
-    text, curves = compare(args.run, args.control)
+    text, curves = compare(args.run, args.control, args.baselines)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -273,3 +273,33 @@ def test_the_benchmarks_readme_names_every_script_and_result_folder() -> None:
     scripts = [p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "models")]
     for name in [*scripts, "step_cost", *RESULT_FOLDERS]:
         assert name in readme, name
+
+
+def test_label_learning_compares_a_run_with_its_control(tmp_path: Path) -> None:
+    from auxlab.experiments import ExperimentConfig, run_experiment
+    from benchmarks import label_learning
+
+    common = {"dataset": "digits", "epochs": 1, "seeds": (0, 1), "limit_train": 300, "limit_test": 100, "collapse_samples": 60,
+              "threads": 1, "plots": False, "progress": False, "out": str(tmp_path), "generator_optimizer": "adam", "generator_weight_decay": 0.0}
+    run_experiment(ExperimentConfig(name="run", strategies=("single", "maxl-light-balanced"), **common), log=lambda _: None)
+    run_experiment(ExperimentConfig(name="control", strategies=("maxl-light-balanced",), inner_lr=1e-9, **common), log=lambda _: None)
+    text, curves = label_learning.compare(tmp_path / "run", tmp_path / "control")
+    rows = {line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith(("| maxl", "| single"))}
+    assert rows == {"single", "maxl-light-balanced", "maxl-light-balanced (control)"}
+    tv = next(line for line in text.splitlines() if line.startswith("| maxl-light-balanced |") and "/" in line).split(" | ")[-1]
+    assert float(tv.split(" ± ")[0]) > 0  # the primary hypergradient moved the labels away from the control's
+    assert set(curves) == {"maxl-light-balanced run", "maxl-light-balanced control"}
+    label_learning.plot(curves, tmp_path / "curves.png", title="test")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_hypergradient_equivalence_of_a_checkout_with_itself_is_exact() -> None:
+    from benchmarks import hypergradient_equivalence
+
+    results = hypergradient_equivalence.run_scenarios()
+    rows = hypergradient_equivalence.compare(results, results)
+    assert [r[0] for r in rows] == [name for name, _ in hypergradient_equivalence.SCENARIOS]
+    assert all(count > 0 and difference == 0.0 for _, count, difference, _ in rows)
+    shifted = {name: {k: v + 1e-3 for k, v in tensors.items()} for name, tensors in results.items()}
+    # (maoal keeps its module weights in float32: 1e-3 is added with float32 rounding there)
+    assert all(difference == pytest.approx(1e-3, rel=1e-4) for _, _, difference, _ in hypergradient_equivalence.compare(shifted, results))

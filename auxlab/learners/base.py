@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from auxlab.context import strategy_name
 from auxlab.multitask import commit_buffers
 
 if TYPE_CHECKING:
@@ -109,13 +110,12 @@ class MetaLearner:
         if ctx.reducer.distributed and not self.distributed:
             raise ValueError(f"distributed training does not support {who}{self.why_not_distributed}")
         if not self.reweighting and ctx.weighting.reweights:
-            weighting = getattr(ctx.weighting, "name", type(ctx.weighting).__name__)
             raise ValueError(
-                f"weighting={weighting!r} needs labels that do not learn, but {who} learns them in the meta step "
+                f"weighting={strategy_name(ctx.weighting)!r} needs labels that do not learn, but {who} learns them in the meta step "
                 "(whose virtual step uses the constant aux_weight); use a fixed strategy such as 'human' or 'kmeans'"
             )
         if not self.augmenting and ctx.generator is not None and ctx.generator.augments:
-            raise ValueError(f"{who} does not support a strategy that augments the batch (generator={getattr(ctx.generator, 'name', None)!r})")
+            raise ValueError(f"{who} does not support a strategy that augments the batch (generator={strategy_name(ctx.generator)!r})")
 
     def check_scaling(self, ctx: StepContext) -> None:
         """Refuse a loss scaler (``step(..., scaler=...)``) if the learner cannot take one."""
@@ -125,7 +125,7 @@ class MetaLearner:
     def who(self, ctx: StepContext) -> str:
         """The owner, as messages name it: ``generator='maxl'``, ``weighting='maoal'``."""
         kind = "generator" if self.owner is ctx.generator else "weighting"
-        return f"{kind}={getattr(self.owner, 'name', None) or type(self.owner).__name__!r}"
+        return f"{kind}={strategy_name(self.owner)!r}"
 
     # ----------------------------------------------------------------------------------- the meta step
     def due(self, call: int) -> bool:

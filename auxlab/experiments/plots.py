@@ -53,11 +53,8 @@ def plot_accuracy_curves(records: Sequence[dict[str, Any]], path: Path, *, title
     strategies = list(dict.fromkeys(r["strategy"] for r in records))
     seeds = len({r["seed"] for r in records})
     for i, strategy in enumerate(strategies):
-        color = f"C{i % 10}"
         for ax, key, scale in ((acc_ax, "val_acc", 100.0), (loss_ax, "val_loss", 1.0)):
-            epochs, mean, std = _by_epoch(records, strategy, key)
-            ax.plot(epochs, scale * mean, marker="o", markersize=3, color=color, label=strategy)
-            ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=color, alpha=0.15, linewidth=0)
+            _curve(ax, records, strategy, key, color=f"C{i % 10}", scale=scale)
     band = f"mean over {seeds} seeds, band ± 1 std" if seeds > 1 else "1 seed"
     acc_ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Validation accuracy ({band})")
     loss_ax.set(xlabel="epoch", ylabel="validation cross entropy", title=f"Validation loss ({band})")
@@ -70,6 +67,49 @@ def plot_accuracy_curves(records: Sequence[dict[str, Any]], path: Path, *, title
         figure.suptitle(title)
     figure.savefig(path)
     return path
+
+
+#: The label diagnostics :func:`plot_label_learning` draws, with their axis labels.
+LABEL_CURVES = (
+    ("confidence", "label confidence (mean largest probability)"),
+    ("used_fraction", "share of the sub-classes in use"),
+    ("fine_nmi", "NMI with the true fine labels (within class)"),
+    ("generator_movement", "generator movement ||phi - phi0|| / ||phi0||"),
+)
+
+
+def plot_label_learning(records: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path | None:
+    """Whether the labels learn, per epoch, one line per strategy that has them (mean over seeds, band
+    ± 1 std): their confidence, the share of sub-classes in use, their NMI with the true fine labels
+    (when the task has them) and the generator's movement (for a strategy that learns). None when no
+    strategy has any of these (single task only)."""
+    panels = [(key, label) for key, label in LABEL_CURVES if any(r.get(key) is not None for r in records)]
+    if not panels:
+        return None
+    figure = _figure(4.4 * len(panels), 4.0)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    strategies = list(dict.fromkeys(r["strategy"] for r in records))
+    for i, strategy in enumerate(strategies):
+        for ax, (key, _) in zip(axes, panels):
+            if any(r.get(key) is not None for r in records if r["strategy"] == strategy):
+                _curve(ax, records, strategy, key, color=f"C{i % 10}")
+    epochs = sorted({r["epoch"] for r in records})
+    for ax, (_, label) in zip(axes, panels):
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.grid(alpha=0.3)
+        _epoch_ticks(ax, epochs)
+    axes[0].legend(title="strategy")
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path)
+    return path
+
+
+def _curve(ax: Any, records: Sequence[dict[str, Any]], strategy: str, key: str, *, color: str, scale: float = 1.0) -> None:
+    """One strategy's ``key`` per epoch: the mean over seeds, and a band of ± 1 standard deviation."""
+    epochs, mean, std = _by_epoch(records, strategy, key)
+    ax.plot(epochs, scale * mean, marker="o", markersize=3, color=color, label=strategy)
+    ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=color, alpha=0.15, linewidth=0)
 
 
 def plot_collapse(

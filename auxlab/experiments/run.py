@@ -176,6 +176,9 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
         collapse = plots.plot_collapse(records, run_dir / "collapse.png", psi=psi, class_names=data.train.class_names, title=_title(config))
         if collapse is not None:
             files["collapse"] = collapse
+        learning = plots.plot_label_learning(records, run_dir / "label_learning.png", title=_title(config))
+        if learning is not None:
+            files["label_learning"] = learning
         if grid is not None and grid_columns is not None:
             files["subclass_grid"] = plots.plot_subclass_grid(
                 data.train.images[grid_probe],

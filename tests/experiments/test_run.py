@@ -26,9 +26,9 @@ def test_end_to_end_on_digits_writes_every_file(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), rng), "the run changed the caller's random state"
     run_dir = tmp_path / "run"
     assert result.run_dir == run_dir
-    for name in ("config.json", "metrics.jsonl", "metrics.csv", "summary.md", "accuracy_curves.png", "collapse.png", "subclass_grid.png"):
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "summary.md", "accuracy_curves.png", "collapse.png", "subclass_grid.png", "label_learning.png"):
         assert (run_dir / name).is_file(), name
-    for name in ("accuracy_curves.png", "collapse.png", "subclass_grid.png"):
+    for name in ("accuracy_curves.png", "collapse.png", "subclass_grid.png", "label_learning.png"):
         assert_matplotlib_png(run_dir / name)
 
     assert ExperimentConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == result.config

@@ -111,3 +111,17 @@ def test_every_registered_pair_trains_round_trips_and_refuses_bad_input(generato
 def test_the_table_covers_every_registered_strategy_and_weighting() -> None:
     assert {g for g, _ in PAIRS} == {"single", *GENERATORS} and {w for _, w in PAIRS} == set(WEIGHTINGS)
     assert {"maxl", "maxl-light", "random", "kmeans", "human", "rl", "sla"} <= set(GENERATORS)
+
+
+@pytest.mark.parametrize("generator", ["maxl", "maxl-balanced", "maxl-light", "rl", "random", "single"])
+def test_a_model_that_is_its_own_head_works(generator: str) -> None:
+    """``nn.Linear`` alone is a classifier: its head is the whole model (issue 15, defect 6)."""
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    kwargs = {"num_samples": 8} if generator == "random" else None
+    wrapper = MetaAuxWrapper(torch.nn.Linear(4, 3), num_classes=3, psi=2, generator=generator, generator_kwargs=kwargs)
+    assert wrapper.head_name == ""
+    before = snapshot(wrapper)
+    wrapper.step(x, y, torch.optim.SGD(wrapper.parameters(), lr=0.1), index=torch.arange(8))
+    assert not torch.equal(before["model.weight"], wrapper.model.weight)
+    if wrapper.meta_learner is not None:
+        assert any(not torch.equal(before[f"generator.{n}"], p) for n, p in wrapper.generator.named_parameters())  # type: ignore[union-attr]

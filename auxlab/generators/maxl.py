@@ -68,10 +68,11 @@ class MAXLGenerator(AuxLabelGenerator, name="maxl"):
 
         Every submodule with ``reset_parameters`` is re-initialised (seeded by ``seed``; the
         caller's random state is left as it was), and the ``nn.Linear`` named ``head_name`` is
-        replaced by ``Linear(d, d) -> ReLU -> Linear(d, K)`` with ``d`` its input width. ``model``
-        itself is not changed. ``init="xavier_normal"`` then draws every weight of a convolution or
-        ``nn.Linear`` by ``xavier_normal_`` and sets its bias to 0, as the original MAXL code does
-        (sharper initial labels than PyTorch's default). ``options``: the constructor's
+        replaced by ``Linear(d, d) -> ReLU -> Linear(d, K)`` with ``d`` its input width (a model that
+        is its own head, ``head_name=""``, becomes that MLP). ``model`` itself is not changed.
+        ``init="xavier_normal"`` then draws every weight of a convolution or ``nn.Linear`` by
+        ``xavier_normal_`` and sets its bias to 0, as the original MAXL code does (sharper initial
+        labels than PyTorch's default). ``options``: the constructor's
         ``temperature`` and ``balance_iterations``.
         """
         check_mask(mask)
@@ -92,7 +93,10 @@ class MAXLGenerator(AuxLabelGenerator, name="maxl"):
                 nn.ReLU(),
                 nn.Linear(width, mask.num_aux_classes, device=device, dtype=dtype),
             )
-            network.set_submodule(head_name, mlp)
+            if head_name:
+                network.set_submodule(head_name, mlp)
+            else:  # the model is its own head (e.g. a bare nn.Linear): the generator is the MLP on the input
+                network = mlp
             if init == "xavier_normal":
                 for module in network.modules():
                     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -143,18 +143,21 @@ def compare(run: Path, control: Path, baselines: Path | None = None) -> tuple[st
 
 
 def plot(curves: dict[str, Any], path: Path, title: str) -> None:
-    """Fine-label NMI and confidence over the epochs, run (solid) against control (dashed)."""
+    """Fine-label NMI (when the task has fine labels) and confidence over the epochs, run (solid) against control (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [(key, label) for key, label in (("fine_nmi", "fine-label NMI (within class)"), ("confidence", "label confidence"))
+              if any(not math.isnan(v) for values in curves.values() for v in values[key])]  # no NMI without fine labels
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
     for name, values in curves.items():
         style = "--" if name.endswith("control") else "-"
-        for axis, key in zip(axes, ("fine_nmi", "confidence")):
+        for axis, (key, _) in zip(axes, panels):
             axis.plot(range(len(values[key])), values[key], style, marker="o", label=name)
-    for axis, label in zip(axes, ("fine-label NMI (within class)", "label confidence")):
+    for axis, (_, label) in zip(axes, panels):
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

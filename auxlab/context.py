@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from auxlab.distributed import LocalReducer
 from auxlab.engines import Engine, MetaProblem
 from auxlab.hierarchy import HierarchyMask
 from auxlab.losses import model_step_losses
-from auxlab.multitask import MultiTaskNet, call_on_buffer_copies
+from auxlab.multitask import MultiTaskNet, call_on_buffer_copies, head_input
 from auxlab.scaling import LossScaling
 
 if TYPE_CHECKING:
@@ -149,10 +149,7 @@ class StepContext:
         here without gradient, on buffer copies)."""
         if not self.strategy.reads_features:
             return x
-        if features is None:
-            with torch.no_grad():
-                features = call_on_buffer_copies(self.net, x, with_aux=False, with_features=True)[0][2]
-        return cast(Tensor, features).detach()
+        return head_input(self.net.model, self.net.head_name, x) if features is None else features.detach()
 
     def augmented(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The batch of the auxiliary task: ``(x, y)``, or an augmenting strategy's transformed copies, checked."""

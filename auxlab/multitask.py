@@ -123,3 +123,15 @@ class _MethodCall(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.module, self.method)(*args, **kwargs)
+
+
+def head_input(model: nn.Module, head_name: str, x: Tensor) -> Tensor:
+    """``(B, d)``: the input of ``model.<head_name>`` on ``x``, without gradient, detached.
+
+    The classifier runs in its current mode on copies of its buffers (:func:`call_on_buffer_copies`):
+    no running statistic, parameter or ``.grad`` of it changes.
+    """
+    net = MultiTaskNet(model, head_name, None)  # captures the head's input, checks it ran once
+    with torch.no_grad():
+        (_, _, features), _ = call_on_buffer_copies(net, x, with_aux=False, with_features=True)
+    return cast(Tensor, features).detach()

@@ -5,15 +5,13 @@ from __future__ import annotations
 import numbers
 from typing import Any, cast
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from typing_extensions import Self
 
 from auxlab._seeding import seeded
 from auxlab.generators.base import AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
-from auxlab.multitask import MultiTaskNet
+from auxlab.multitask import head_input
 
 
 class FeatureReader(AuxLabelGenerator):
@@ -101,20 +99,6 @@ def feature_mlp(head: nn.Linear, *, hidden: int | None, out_features: int, seed:
             nn.ReLU(),
             nn.Linear(int(hidden), out_features, device=device, dtype=dtype),
         )
-
-
-def head_input(model: nn.Module, head_name: str, x: Tensor) -> Tensor:
-    """``(B, d)``: the input of ``model.<head_name>`` on ``x``, without gradient, detached.
-
-    The classifier runs in its current mode on copies of its buffers: no running statistic,
-    parameter or ``.grad`` of it changes.
-    """
-    net = MultiTaskNet(model, head_name, None)  # captures the head's input, checks it ran once
-    with torch.no_grad():
-        buffers = {name: b.clone() for name, b in net.named_buffers()}
-        kwargs = {"with_aux": False, "with_features": True}
-        _, _, features = functional_call(net, buffers, (x,), kwargs) if buffers else net(x, **kwargs)
-    return cast(Tensor, features).detach()
 
 
 def check_features(x: Tensor, mlp: nn.Sequential, who: str) -> None:

@@ -11,7 +11,7 @@ call from its current settings; meta learners (:mod:`auxlab.learners`) receive i
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -50,30 +50,37 @@ class FiniteGuard:
 
     Attributes:
         nonfinite: ``"raise"`` or ``"skip"``.
-        steps, skipped: the wrapper's counters by ``"model"``/``"meta"`` (the same dicts).
+        steps, skipped: the wrapper's counters by ``"model"``/``"meta"`` (the same dicts; ``steps`` counts the
+            calls that completed, so the one checked now is ``steps[step] + 1``).
         reducer: the ranks' collective operations.
+        parts: the named parts of this call's finite checks (detached), by ``"model"``/``"meta"``.
+        skipped_now: the steps this call skipped (``nonfinite="skip"``).
     """
 
     nonfinite: Literal["raise", "skip"]
     steps: dict[str, int]
     skipped: dict[str, int]
     reducer: LocalReducer
+    parts: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    skipped_now: set[str] = field(default_factory=set)
 
     def check(self, step: str, total: Tensor, **parts: Tensor) -> bool:
         """Whether ``total`` is finite (on every rank); otherwise raise or warn and count."""
         finite = self.reducer.all_true(bool(torch.isfinite(total)), total.device)
         if finite:
+            self.parts[step] = {name: value.detach() for name, value in parts.items()}
             return True
         described = ", ".join(f"{name} = {float(value.detach()):.4g}" for name, value in parts.items())
         if bool(torch.isfinite(total)):
             described += " on this rank, non-finite on another"
-        where = f"{step} step {self.steps[step]}"
+        where = f"{step} step {self.steps[step] + 1}"
         if self.nonfinite == "raise":
             raise FloatingPointError(
                 f"non-finite loss at {where}: {described}; nothing was updated. Check the batch for NaN/inf inputs and "
                 "the learning rates, or pass nonfinite='skip' to skip such batches"
             )
         self.skipped[step] += 1
+        self.skipped_now.add(step)
         warnings.warn(f"skipped {where}: non-finite loss ({described}); {self.skipped[step]} {step} step(s) skipped so far", RuntimeWarning, stacklevel=4)
         return False
 

@@ -14,7 +14,7 @@ from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep
 from auxlab.losses import classification_loss
 from auxlab.multitask import call_on_buffer_copies, commit_buffers
 
-__all__ = ["loss", "meta_step", "model_loss", "step", "zero_loss"]
+__all__ = ["finish", "loss", "meta_step", "model_loss", "step", "zero_loss"]
 
 
 def model_loss(ctx: StepContext, x: Tensor, y: Tensor, index: Tensor | None) -> tuple[Tensor, dict[str, Tensor], bool]:
@@ -131,3 +131,22 @@ def meta_step(ctx: StepContext, batch: Batch, learner: MetaLearner) -> MetaUpdat
         if update is not None:
             learner.apply(ctx, update)
         return update
+
+
+#: The detached losses a call publishes (``wrapper.last_losses``), by the finite guard's names of the model step's parts.
+PUBLISHED_LOSSES = {"primary": "primary loss", "auxiliary": "auxiliary loss"}
+
+
+def finish(ctx: StepContext, kinds: tuple[str, ...], losses: dict[str, Tensor], update: MetaUpdate | None) -> None:
+    """Count a call that completed (one that raised is not counted): in ``ctx.guard.steps``, each step of
+    ``kinds`` (``"model"``, ``"meta"``) it did not skip (a skipped one is counted in ``skipped_steps`` only);
+    and record in ``losses`` the primary and auxiliary losses of its model step and the objective of its meta
+    step, for the steps it took."""
+    for kind in kinds:
+        if kind not in ctx.guard.skipped_now:
+            ctx.guard.steps[kind] += 1
+    if "model" in kinds and "model" not in ctx.guard.skipped_now:
+        model = ctx.guard.parts.get("model", {})
+        losses.update({key: model[name] for key, name in PUBLISHED_LOSSES.items() if name in model})
+    if update is not None:
+        losses["meta"] = update.objective

@@ -84,8 +84,11 @@ class MetaAuxWrapper(nn.Module):
             Needs ``engine="jvp"`` or ``"finite_difference"`` and :meth:`step` (``loss().backward()`` is not averaged).
 
     Attributes:
-        steps: calls so far of the model step (``loss``/``step``) and the meta step, by ``"model"``/``"meta"``.
-        skipped_steps: of those, the steps skipped as non-finite (``nonfinite="skip"``).
+        steps: completed calls of the model step (``loss``/``step``) and the meta step, by ``"model"``/``"meta"``;
+            a call that raised or was skipped is not counted.
+        skipped_steps: the steps skipped as non-finite (``nonfinite="skip"``), by ``"model"``/``"meta"``.
+        last_losses: detached ``"primary"``/``"auxiliary"`` losses of the latest model step taken (:meth:`step` returns
+            their weighted sum; a plain loop's loss compares with ``"primary"``), ``"meta"``: the latest meta objective.
         last_meta_objective: the meta objective (detached) of the latest :meth:`step` or :meth:`meta_step`;
             None when that call took no meta step.
         virtual_params: the names of the parameters that take the virtual step; None for every trainable one.
@@ -113,6 +116,7 @@ class MetaAuxWrapper(nn.Module):
         seed = _build.check_seed(seed)
         self.steps: dict[str, int] = {"model": 0, "meta": 0}
         self.skipped_steps: dict[str, int] = {"model": 0, "meta": 0}
+        self.last_losses: dict[str, Tensor] = {}
         self.last_meta_objective: Tensor | None = None
         self.head_name: str = find_head(_build.check_model(model), self.num_classes, head)
         device = _build.head_parameter(model, self.head_name).device
@@ -186,8 +190,10 @@ class MetaAuxWrapper(nn.Module):
         ``[0, C)``; ``index``: ``(B,)`` dataset indices, for strategies with ``needs_index``. A
         ``FloatingPointError`` if the loss is not finite and ``nonfinite="raise"``."""
         batch = self._batch(x, y, index)
-        self.steps["model"] += 1
-        return steps.loss(self._context(), batch)
+        ctx = self._context()
+        value = steps.loss(ctx, batch)
+        steps.finish(ctx, ("model",), self.last_losses, None)
+        return value
 
     def aggregated_logits(self, x: Tensor) -> Tensor:
         """SLA's aggregated inference: ``(B, C)`` class scores of the joint auxiliary head over the
@@ -207,9 +213,9 @@ class MetaAuxWrapper(nn.Module):
         ``(x, y)``, the paper's choice). Returns the meta objective (detached), or None if nothing learns or
         the step was not due or was skipped; a ``FloatingPointError`` if it is not finite (``nonfinite="raise"``)."""
         batch = self._batch(x, y, index, x_meta, y_meta)
-        self.last_meta_objective = None
-        learner = self._due_learner()
-        update = None if learner is None else steps.meta_step(self._context(), batch, learner)
+        ctx, learner = self._context(), self._due_learner()
+        update = None if learner is None else steps.meta_step(ctx, batch, learner)
+        steps.finish(ctx, self._kinds(model=False), self.last_losses, update)
         self.last_meta_objective = None if update is None else update.objective
         return self.last_meta_objective
 
@@ -232,11 +238,9 @@ class MetaAuxWrapper(nn.Module):
         batch = self._batch(x, y, index, x_meta, y_meta)
         if max_grad_norm is not None:
             check_number(max_grad_norm, "max_grad_norm", positive=True)
-        ctx = self._context(_build.check_scaler(scaler))
-        self.last_meta_objective = None
-        learner = self._due_learner()
-        self.steps["model"] += 1
+        ctx, learner = self._context(_build.check_scaler(scaler)), self._due_learner()
         loss, update = steps.step(ctx, batch, optimizer, learner, max_grad_norm)
+        steps.finish(ctx, self._kinds(model=True), self.last_losses, update)
         self.last_meta_objective = None if update is None else update.objective
         return loss
 
@@ -284,10 +288,12 @@ class MetaAuxWrapper(nn.Module):
         return ctx
 
     def _due_learner(self) -> MetaLearner | None:
-        """The meta learner if this call takes a meta step (it counts as one), else None."""
-        if self._learner is not None:
-            self.steps["meta"] += 1
-        return self._learner if self._learner is not None and self._learner.due(self.steps["meta"]) else None
+        """The meta learner if this call takes a meta step, else None (the call counts once it completed)."""
+        return self._learner if self._learner is not None and self._learner.due(self.steps["meta"] + 1) else None
+
+    def _kinds(self, *, model: bool) -> tuple[str, ...]:
+        """The steps a call counts: the model step's (if ``model``), and the meta step's if anything learns."""
+        return ("model",) * model + ("meta",) * (self._learner is not None)
 
     def _batch(self, x: Tensor, y: Tensor, index: Tensor | None, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> Batch:
         like = _build.head_parameter(self.model, self.head_name)

@@ -473,8 +473,47 @@ def test_skip_mode_warns_counts_and_updates_nothing() -> None:
     with pytest.warns(RuntimeWarning, match="skipped meta step 1"):
         assert wrapper.meta_step(x, y) is None
     assert_unchanged(wrapper, before)
-    assert wrapper.skipped_steps == {"model": 1, "meta": 1} and wrapper.steps == {"model": 1, "meta": 1}
+    assert wrapper.skipped_steps == {"model": 1, "meta": 1} and wrapper.steps == {"model": 0, "meta": 0}  # skipped: counted there only
     assert torch.isfinite(wrapper.loss(*batch(6)))  # training goes on
+    assert wrapper.steps == {"model": 1, "meta": 0}
+
+
+@pytest.mark.parametrize("call", ["meta_step", "step"])
+def test_a_refused_step_leaves_the_counters_and_the_meta_every_schedule(call: str) -> None:
+    """Issue 15, defect 5: a call that raised "nothing was updated" counted as a step, so with meta_every=2 the
+    next two calls stepped as [None, value] instead of [value, None]."""
+    wrapper = MetaAuxWrapper(TinyBNNet(), num_classes=3, psi=2, meta_every=2)
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+
+    def take(x: Tensor, y: Tensor) -> Tensor | None:
+        if call == "step":
+            wrapper.step(x, y, optimizer)
+            return wrapper.last_meta_objective
+        return wrapper.meta_step(x, y)
+
+    with pytest.raises(FloatingPointError, match="nothing was updated"):
+        take(*_poisoned_batch())
+    assert wrapper.steps == {"model": 0, "meta": 0} and wrapper.skipped_steps == {"model": 0, "meta": 0}
+    assert [take(*batch(6)) is not None for _ in range(4)] == [True, False, True, False]
+    assert wrapper.steps == {"model": 4 if call == "step" else 0, "meta": 4}
+
+
+def test_last_losses_holds_the_parts_of_the_latest_steps() -> None:
+    wrapper = MetaAuxWrapper(TinyMLP(), num_classes=3, psi=2, seed=1)
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    assert wrapper.last_losses == {}
+    x, y = batch(6)
+    returned = wrapper.step(x, y, optimizer)
+    parts = wrapper.last_losses
+    assert set(parts) == {"primary", "auxiliary", "meta"} and not any(v.requires_grad for v in parts.values())
+    torch.testing.assert_close(returned, parts["primary"] + wrapper.aux_weight * parts["auxiliary"])
+    assert parts["meta"] is wrapper.last_meta_objective
+    with pytest.raises(FloatingPointError):
+        wrapper.loss(*_poisoned_batch())
+    assert wrapper.last_losses == parts  # a refused step publishes nothing
+    single = MetaAuxWrapper(TinyMLP(), num_classes=3, generator="single")
+    single.loss(x, y)
+    assert set(single.last_losses) == {"primary"}
 
 
 def test_huge_logits_stay_finite() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,9 @@ from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.learners.base import MetaLearner, OptimizerFactory
 from auxlab.weighting import WEIGHTINGS, AuxWeighting
+
+if TYPE_CHECKING:
+    from auxlab.wrapper import MetaAuxWrapper
 
 T = TypeVar("T")
 
@@ -234,6 +237,15 @@ def check_call(
     if x_meta is None or y_meta is None:
         return Batch(x, y, index, x, y)
     return Batch(x, y, index, x_meta, check_batch(x_meta, y_meta, "x_meta", "y_meta", num_classes=num_classes, like=like))
+
+
+def check_loadable(wrapper: MetaAuxWrapper, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+    """A ValueError, before anything is loaded, unless ``state_dict`` fits ``wrapper``: its hierarchy, its
+    strategy (:func:`check_extra_state`), every key and shape (:func:`check_state_fits`)."""
+    if "_extra_state" not in state_dict:
+        raise ValueError("state_dict has no '_extra_state' entry: it was not written by MetaAuxWrapper.state_dict()")
+    check_extra_state(state_dict["_extra_state"], wrapper.mask, wrapper.is_single_task, wrapper.meta_learner)
+    check_state_fits(wrapper.state_dict(), state_dict, strict=strict)
 
 
 def check_state_fits(own: Mapping[str, Any], state_dict: Mapping[str, Any], *, strict: bool) -> None:

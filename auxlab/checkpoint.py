@@ -13,9 +13,13 @@ running on gives, on CPU, bit for bit the run that was not interrupted::
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import random
 import tempfile
+import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -23,11 +27,21 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
+from auxlab._build import check_loadable
 from auxlab.wrapper import MetaAuxWrapper
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
-_FORMAT = "auxlab-checkpoint-1"
+#: Written now: format 1 plus the optimizer's and the scheduler's class names. Format 1 still loads.
+_FORMAT = "auxlab-checkpoint-2"
+_FORMATS = ("auxlab-checkpoint-1", _FORMAT)
+#: A temporary file of a killed save that is still empty is removed once it is this old (seconds).
+_STALE_EMPTY_AGE = 60.0
+
+try:  # POSIX: a writer holds an exclusive lock on its temporary file, so a later save can tell a dead writer's file
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: stale temporary files are left for the user to remove
+    fcntl = None  # type: ignore[assignment]
 
 
 class _Stateful(Protocol):
@@ -48,7 +62,9 @@ def save_checkpoint(
 
     The state goes to a temporary file in the same directory, is flushed to disk (fsync), and then
     replaces ``path`` in one rename: a crash at any moment leaves either the previous checkpoint or
-    the new one, never a partial file.
+    the new one, never a partial file. A crash does leave its temporary file (``.NAME.*.tmp``); each save
+    first removes those of ``path`` whose writer is gone (on POSIX, where a writer holds a lock on its file;
+    never one that a live save is writing).
 
     Args:
         path: the checkpoint file; its directory must exist.
@@ -66,15 +82,20 @@ def save_checkpoint(
         "format": _FORMAT,
         "wrapper": wrapper.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer_class": _class_name(optimizer),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scheduler_class": _class_name(scheduler),
         "rng": _random_states(),
         "counters": dict(counters),
     }
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"the directory of path={str(path)!r} does not exist; create it first")
+    _remove_stale_temporaries(target)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file is closed, after its rename
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
@@ -96,10 +117,13 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore a state written by :func:`save_checkpoint`; return its counters.
 
-    The file is read with ``torch.load(weights_only=True)``, so it cannot run code. Everything is
-    checked before anything is restored: a truncated or corrupted file, a checkpoint made for
-    another hierarchy, strategy or model, or an optimizer of another shape raises a ValueError and
-    leaves ``wrapper``, ``optimizer`` and ``scheduler`` as they were.
+    The file is read with ``torch.load(weights_only=True)``, so it cannot run code, after every member of
+    its archive passed its CRC-32 check (a flipped byte anywhere in the payload is found). Everything is
+    checked before anything is restored: a truncated or corrupted file, a checkpoint made for another
+    hierarchy, strategy or model, an optimizer of another class, parameter groups, hyper-parameters or
+    state, or a scheduler of another class raises a ValueError and leaves ``wrapper``, ``optimizer`` and
+    ``scheduler`` as they were. Should a restore fail all the same, all three are put back as they were
+    before the error propagates.
 
     Args:
         path: the checkpoint file.
@@ -108,37 +132,108 @@ def load_checkpoint(
         restore_rng: also restore the torch, NumPy and Python random states (needed for an
             exact continuation when the training loop draws random numbers).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except Exception as error:  # torch's readers raise many types on bad bytes (KeyError for a short text file)
-        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read ({type(error).__name__}: {error})") from error
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"{str(path)!r} is not an auxlab checkpoint written by save_checkpoint")
+    state = _read(str(path))
     for name, given in (("optimizer", optimizer), ("scheduler", scheduler)):
         if given is not None and state[name] is None:
             raise ValueError(f"checkpoint {str(path)!r} holds no {name} state, but {name}= was given")
     if optimizer is not None:
-        _check_optimizer_fits(optimizer, state["optimizer"])
-    wrapper.load_state_dict(state["wrapper"])  # checks everything before loading anything
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer_fits(optimizer, state["optimizer"], state.get("optimizer_class"))
     if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        _check_scheduler_fits(scheduler, state["scheduler"], state.get("scheduler_class"))
+    check_loadable(wrapper, state["wrapper"])
+    before = [(part, copy.deepcopy(part.state_dict())) for part in (wrapper, optimizer, scheduler) if part is not None]
+    try:
+        for part, name in ((wrapper, "wrapper"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            if part is not None:
+                part.load_state_dict(state[name])
+    except BaseException:
+        for part, saved in before:  # put everything back as it was: a restore is all or nothing
+            part.load_state_dict(saved)
+        raise
     if restore_rng:
         _set_random_states(state["rng"])
     return dict(state["counters"])
 
 
-def _check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-    own = [len(group["params"]) for group in optimizer.state_dict()["param_groups"]]
+def _read(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path``, every member of its archive checked against its CRC-32 first."""
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            failed = archive.testzip()
+        if failed is not None:
+            raise zipfile.BadZipFile(f"member {failed!r} fails its CRC-32 check")
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # the readers raise many types on bad bytes (KeyError for a short text file)
+        raise ValueError(f"checkpoint {path!r} is truncated or corrupted and cannot be read ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+        raise ValueError(f"{path!r} is not an auxlab checkpoint written by save_checkpoint")
+    return state
+
+
+def _class_name(obj: object | None) -> str | None:
+    return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _check_class(name: str, given: object, saved_class: str | None) -> None:
+    if saved_class is not None and saved_class != _class_name(given):
+        raise ValueError(f"the checkpoint's {name} is a {saved_class} but {name}= is a {_class_name(given)}; build the {name} of the saved run")
+
+
+def _check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], saved_class: str | None) -> None:
+    """A ValueError unless ``saved`` (with ``saved_class``, if recorded) can be loaded into ``optimizer`` whole:
+    the same class, parameter groups of the same sizes, no hyper-parameter it does not know, and the same state
+    keys for every parameter that both hold state for."""
+    _check_class("optimizer", optimizer, saved_class)
+    own_state = optimizer.state_dict()
+    own = [len(group["params"]) for group in own_state["param_groups"]]
     theirs = [len(group["params"]) for group in saved["param_groups"]]
     if own != theirs:
         raise ValueError(
             f"the checkpoint's optimizer has parameter groups of sizes {theirs} but optimizer= has {own}; "
             "build the optimizer over wrapper.parameters() as in the saved run"
         )
+    for i, (mine, their) in enumerate(zip(own_state["param_groups"], saved["param_groups"])):
+        unknown = sorted(set(their) - set(mine))
+        if unknown:
+            raise ValueError(f"the checkpoint's optimizer has hyper-parameters {unknown} in parameter group {i} that optimizer= "
+                             f"({_class_name(optimizer)}) does not have; build the optimizer of the saved run")
+    for index, values in saved["state"].items():
+        if index in own_state["state"] and set(own_state["state"][index]) != set(values):
+            raise ValueError(f"the checkpoint's optimizer state of parameter {index} has keys {sorted(values)} but optimizer= "
+                             f"keeps {sorted(own_state['state'][index])}; build the optimizer of the saved run")
+
+
+def _check_scheduler_fits(scheduler: _Stateful, saved: Mapping[str, Any], saved_class: str | None) -> None:
+    """A ValueError unless ``saved`` fits ``scheduler``: the same class (if recorded), no key it does not know."""
+    _check_class("scheduler", scheduler, saved_class)
+    unknown = sorted(set(saved) - set(scheduler.state_dict()))
+    if unknown:
+        raise ValueError(f"the checkpoint's scheduler has state {unknown} that scheduler= ({_class_name(scheduler)}) does not have; "
+                         "build the scheduler of the saved run")
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove the temporary files that killed saves of ``target`` left: those whose writer's lock is gone
+    (a live writer holds its file's lock from its creation to its rename), empty ones only once they are old
+    (a writer that has just created its file may not hold its lock yet). Nothing is removed without ``fcntl``."""
+    if fcntl is None:
+        return
+    for candidate in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            descriptor = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue  # gone already (renamed or removed by another save)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            status = os.fstat(descriptor)
+            if status.st_size > 0 or time.time() - status.st_mtime > _STALE_EMPTY_AGE:
+                candidate.unlink(missing_ok=True)
+        except OSError:
+            pass  # locked: a live save is writing it
+        finally:
+            os.close(descriptor)
 
 
 def _random_states() -> dict[str, Any]:

@@ -268,10 +268,7 @@ class MetaAuxWrapper(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Restore everything :meth:`state_dict` holds; the whole checkpoint is checked first (hierarchy, strategy,
         every key and shape): one made for another hierarchy or model raises a ValueError and changes nothing."""
-        if "_extra_state" not in state_dict:
-            raise ValueError("state_dict has no '_extra_state' entry: it was not written by MetaAuxWrapper.state_dict()")
-        _build.check_extra_state(state_dict["_extra_state"], self.mask, self.is_single_task, self._learner)
-        _build.check_state_fits(self.state_dict(), state_dict, strict=strict)
+        _build.check_loadable(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _context(self, scaler: torch.amp.GradScaler | None = None) -> StepContext:

@@ -25,7 +25,7 @@ from auxlab.generators import GENERATORS
 from auxlab.hierarchy import HierarchyMask
 from auxlab.wrapper import MetaAuxWrapper
 
-__all__ = ["build_wrapper", "check_combinations", "check_data", "generator_kwargs", "run_data"]
+__all__ = ["build_wrapper", "check_combinations", "check_data", "check_device", "check_model", "generator_kwargs", "run_data"]
 
 _GENERATOR_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -101,6 +101,34 @@ def build_wrapper(config: ExperimentConfig, data: TaskData, strategy: Strategy, 
         virtual_params=list(config.virtual_params) if config.virtual_params is not None else None,
         seed=seed,
     )
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device ``device`` names, checked usable here (a tensor is made on it) before anything is written.
+
+    Raises:
+        ConfigError: naming the device and why it cannot be used (a malformed name, CUDA on a CPU build, no such index).
+    """
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ConfigError(f"device {device!r} cannot be used here ({error}); use cpu, or a device this machine has (e.g. cuda:0)") from error
+    return parsed
+
+
+def check_model(config: ExperimentConfig, data: TaskData) -> None:
+    """Build the model once, on the CPU and without touching the caller's random state, so that a bad import
+    path or arguments stop the experiment before anything is written.
+
+    Raises:
+        ConfigError: naming the model and what went wrong.
+    """
+    try:
+        with random_states_kept(torch.device("cpu")):
+            build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels, kwargs=config.model_kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model {config.model!r} cannot be built: {error}") from error
 
 
 def check_data(config: ExperimentConfig, data: TaskData) -> None:

@@ -22,7 +22,15 @@ import torch
 from torch import Tensor
 
 from auxlab.experiments import plots, report
-from auxlab.experiments.build import build_wrapper, check_combinations, check_data, generator_kwargs, run_data
+from auxlab.experiments.build import (
+    build_wrapper,
+    check_combinations,
+    check_data,
+    check_device,
+    check_model,
+    generator_kwargs,
+    run_data,
+)
 from auxlab.experiments.config import ExperimentConfig, load_config, resume_differences
 from auxlab.experiments.diagnostics import collapse_diagnostic, evaluate
 from auxlab.experiments.errors import ConfigError
@@ -107,12 +115,14 @@ def run_experiment(config: ExperimentConfig, *, log: Log = print, command: str |
 
 
 def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) -> ExperimentResult:
+    check_device(config.device)  # every check comes before anything is written or trained
     stored = _experiment_to_resume(config) if config.resume else None  # refuses another experiment before loading any data
     data = load_task(config)
     psi = resolve_psi(config, data)
     name = config.name or f"{config.dataset}-{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = dataclasses.replace(config, psi=psi, name=name)
-    check_data(config, data)  # before anything is written or trained
+    check_model(config, data)
+    check_data(config, data)
     check_combinations(config, data)
     run_dir = Path(config.out) / name
     finished: dict[tuple[str, int], list[dict[str, Any]]] = {}

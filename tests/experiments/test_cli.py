@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from auxlab.experiments import SMOKE, ExperimentConfig, main, parse_args
 from auxlab.experiments.cli import build_parser
@@ -64,3 +66,20 @@ def test_module_entry_point(tmp_path: Path) -> None:
     assert "| single |" in completed.stdout
     assert (tmp_path / "cli" / "summary.md").is_file()
 
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--device", "cpux", "device 'cpux' cannot be used here"),
+    ("--device", "cuda:999" if torch.cuda.is_available() else "cuda", "device 'cuda(:999)?' cannot be used here"),
+    ("--model", "nosuch.module:Foo", "model 'nosuch.module:Foo' cannot be built: cannot import module 'nosuch.module'"),
+    ("--model", "torch.nn:Linear", "model 'torch.nn:Linear' cannot be built: could not build model"),
+    ("--model", "collections:OrderedDict", "model 'collections:OrderedDict' cannot be built: .* not an nn.Module"),
+])
+def test_a_bad_device_or_model_exits_2_with_one_line_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, message: str
+) -> None:
+    """Issue 15, defect 7: these ended in tracebacks, and left config.json and an empty checkpoints/ behind."""
+    assert main(["--smoke", "--strategies", "single", option, value, "--out", str(tmp_path / "runs"), "--name", "bad", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and re.search(message, error), error
+    assert not (tmp_path / "runs").exists()

@@ -221,11 +221,21 @@ def check_extra_state(state: Any, mask: HierarchyMask, single_task: bool, learne
 
 
 def check_call(
+    call: str, x: Tensor, y: Tensor, index: Tensor | None, x_meta: Tensor | None, y_meta: Tensor | None, *,
+    num_classes: int, like: Tensor, generator: AuxLabelGenerator | None, reducer: LocalReducer,
+) -> Batch:
+    """The data of the wrapper's ``call``, checked before anything runs (see :func:`~auxlab._checks.check_batch`),
+    and, across ranks, the same call with batches of the same sizes on every rank (:meth:`Reducer.agree`); the
+    meta batch defaults to ``(x, y)``; ``index`` is required by a strategy that ``needs_index``."""
+    batch = _check_batch(x, y, index, x_meta, y_meta, num_classes=num_classes, like=like, generator=generator)
+    reducer.agree(call, batch.x.shape[0], batch.x_meta.shape[0], like.device)
+    return batch
+
+
+def _check_batch(
     x: Tensor, y: Tensor, index: Tensor | None, x_meta: Tensor | None, y_meta: Tensor | None, *,
     num_classes: int, like: Tensor, generator: AuxLabelGenerator | None,
 ) -> Batch:
-    """One call's data, checked before anything runs (see :func:`~auxlab._checks.check_batch`); the
-    meta batch defaults to ``(x, y)``; ``index`` is required by a strategy that ``needs_index``."""
     y = check_batch(x, y, "x", "y", num_classes=num_classes, like=like)
     if generator is not None and generator.needs_index and index is None:
         raise ValueError(

@@ -128,7 +128,8 @@ def load_checkpoint(
     Args:
         path: the checkpoint file.
         wrapper: a wrapper built the same way as the one saved.
-        optimizer, scheduler: restored when given; the checkpoint must hold them.
+        optimizer: restored when given; the checkpoint must hold an optimizer state.
+        scheduler: restored when given; the checkpoint must hold a scheduler state.
         restore_rng: also restore the torch, NumPy and Python random states (needed for an
             exact continuation when the training loop draws random numbers).
     """

@@ -142,7 +142,7 @@ def hypergradient_parts(
             term (:meth:`~auxlab.learners.base.MetaLearner.terms`).
     """
     learner = wrapper.meta_learner
-    terms = {} if learner is None else learner.terms(wrapper._context(), wrapper._batch(x, y, index, x_meta, y_meta))
+    terms = {} if learner is None else learner.terms(wrapper._context(), wrapper._batch("hypergradient_parts", x, y, index, x_meta, y_meta))
     if learner is None or set(terms) != {"primary", "entropy"}:
         raise ValueError(f"hypergradient_parts needs a learner whose objective is a primary and an entropy term, as MAXL's; got {type(learner).__name__}")
     grads = {name: torch.autograd.grad(term, learner.params, retain_graph=True, allow_unused=True) for name, term in terms.items()}

@@ -27,7 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["LocalReducer", "Reducer"]
+__all__ = ["CALLS", "LocalReducer", "Reducer"]
+
+#: The wrapper's calls that talk to the other ranks; their index is what the ranks exchange to check they agree.
+CALLS = ("loss", "meta_step", "step", "aux_targets", "hypergradient_parts")
 
 
 class LocalReducer:
@@ -53,6 +56,9 @@ class LocalReducer:
 
     def broadcast_(self, module: nn.Module) -> None:
         """Nothing to broadcast in one process."""
+
+    def agree(self, call: str, batch_size: int, meta_batch_size: int, device: torch.device) -> None:
+        """One process always agrees with itself."""
 
     def warn_unaveraged_loss(self) -> None:
         """A ``loss().backward()`` of one process needs no averaging."""
@@ -84,6 +90,22 @@ class Reducer(LocalReducer):
             warnings.warn(
                 "with distributed=True, the gradients of loss().backward() are not averaged over the ranks, so the ranks "
                 "drift apart; train with wrapper.step(x, y, optimizer), which averages them", RuntimeWarning, stacklevel=3,
+            )
+
+    def agree(self, call: str, batch_size: int, meta_batch_size: int, device: torch.device) -> None:
+        """A ValueError on every rank, before anything else is exchanged, unless every rank makes the same ``call``
+        (one of :data:`CALLS`) with batches of the same sizes: the averages assume equal per-rank batches, and ranks
+        that run different calls would otherwise exchange mismatched tensors or wait for each other for ever.
+        One all-gather of three numbers per call."""
+        mine = torch.tensor([CALLS.index(call), batch_size, meta_batch_size], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        seen = [tuple(int(v) for v in t.tolist()) for t in gathered]
+        if len(set(seen)) > 1:
+            described = "; ".join(f"rank {r} called {CALLS[c]} with a batch of {b} (meta batch {m})" for r, (c, b, m) in enumerate(seen))
+            raise ValueError(
+                f"distributed=True needs every rank to make the same call at the same time with batches of the same size, but {described}; "
+                "nothing was updated. Give every rank the same per-rank batch size (e.g. DistributedSampler with drop_last=True)"
             )
 
     def average_(self, tensors: Sequence[Tensor]) -> None:

@@ -23,8 +23,6 @@ from auxlab.weighting import AuxWeighting
 
 __all__ = ["MetaAuxWrapper"]
 
-SINGLE_TASK = _build.SINGLE_TASK
-
 
 class MetaAuxWrapper(nn.Module):
     """Wraps a classifier to train it with auxiliary labels: MAXL, or a baseline strategy.
@@ -177,8 +175,7 @@ class MetaAuxWrapper(nn.Module):
         """The strategy's targets, without gradient: ``(B, K)`` probabilities (``(M * B, K)`` for an augmenting strategy),
         in the generator's current mode, moving no running statistic. ``distribution=True``: the distribution each
         label is drawn from (``generator.label_distribution``; a policy's probabilities for ``"rl"``, drawing nothing)."""
-        batch = self._batch(x, y, index)
-        ctx = self._context()
+        batch, ctx = self._batch("aux_targets", x, y, index), self._context()
         x_aux, y_aux = ctx.augmented(batch.x, batch.y)
         with torch.no_grad():
             return ctx.targets(x_aux, cast(Tensor, y_aux), index, distribution=distribution)[0]
@@ -189,8 +186,7 @@ class MetaAuxWrapper(nn.Module):
         auxiliary head only. ``x``: ``(B, ...)`` inputs on the model's device; ``y``: ``(B,)`` labels in
         ``[0, C)``; ``index``: ``(B,)`` dataset indices, for strategies with ``needs_index``. A
         ``FloatingPointError`` if the loss is not finite and ``nonfinite="raise"``."""
-        batch = self._batch(x, y, index)
-        ctx = self._context()
+        batch, ctx = self._batch("loss", x, y, index), self._context()
         value = steps.loss(ctx, batch)
         steps.finish(ctx, ("model",), self.last_losses, None)
         return value
@@ -200,7 +196,7 @@ class MetaAuxWrapper(nn.Module):
         strategy's transformed copies of ``x`` (``generator.aggregate``); no running statistic
         moves. A ValueError for a strategy that does not augment the batch (as ``"sla"`` does)."""
         if self.generator is None or not self.generator.augments:
-            name = SINGLE_TASK if self.generator is None else strategy_name(self.generator)
+            name = _build.SINGLE_TASK if self.generator is None else strategy_name(self.generator)
             raise ValueError(f"aggregated_logits needs a strategy that augments the batch, such as generator='sla'; this wrapper has generator={name!r}")
         (_, aux), _ = call_on_buffer_copies(self._net, self._context().augmented(x, None)[0])
         return self.generator.aggregate(aux)
@@ -212,7 +208,7 @@ class MetaAuxWrapper(nn.Module):
         of the virtual step, as in :meth:`loss`; ``x_meta, y_meta``: the batch of the meta loss (default
         ``(x, y)``, the paper's choice). Returns the meta objective (detached), or None if nothing learns or
         the step was not due or was skipped; a ``FloatingPointError`` if it is not finite (``nonfinite="raise"``)."""
-        batch = self._batch(x, y, index, x_meta, y_meta)
+        batch = self._batch("meta_step", x, y, index, x_meta, y_meta)
         ctx, learner = self._context(), self._due_learner()
         update = None if learner is None else steps.meta_step(ctx, batch, learner)
         steps.finish(ctx, self._kinds(model=False), self.last_losses, update)
@@ -229,13 +225,18 @@ class MetaAuxWrapper(nn.Module):
         model step's loss, detached; raises as :meth:`loss` and :meth:`meta_step`, before anything changes.
 
         Args:
-            x, y, index, x_meta, y_meta: as in :meth:`meta_step`. optimizer: of ``wrapper.parameters()``.
+            x: ``(B, ...)`` inputs, as in :meth:`loss`.
+            y: ``(B,)`` labels in ``[0, C)``, as in :meth:`loss`.
+            optimizer: the optimizer of ``wrapper.parameters()``, stepped by the model step.
+            index: ``(B,)`` dataset indices, as in :meth:`loss`.
+            x_meta: inputs of the meta loss's batch, as in :meth:`meta_step` (default ``x``).
+            y_meta: labels of the meta loss's batch, as in :meth:`meta_step` (default ``y``).
             max_grad_norm: clip the model step's gradient (averaged over the ranks) to this total 2-norm.
             scaler: a ``torch.amp.GradScaler`` for float16 autocast: every backward pass runs on the scaled loss,
                 the optimizers step through ``scaler.step`` (an overflow at theta skips both steps) and
                 ``scaler.update()`` runs once; a ValueError from a learner that cannot take one.
         """
-        batch = self._batch(x, y, index, x_meta, y_meta)
+        batch = self._batch("step", x, y, index, x_meta, y_meta)
         if max_grad_norm is not None:
             check_number(max_grad_norm, "max_grad_norm", positive=True)
         ctx, learner = self._context(_build.check_scaler(scaler)), self._due_learner()
@@ -259,6 +260,7 @@ class MetaAuxWrapper(nn.Module):
         return _build.extra_state(self.mask, self.is_single_task, self._learner, self.steps, self.skipped_steps)
 
     def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved, checked against this wrapper: the learner's state, the counters."""
         saved = _build.check_extra_state(state, self.mask, self.is_single_task, self._learner)
         if self._learner is not None and saved is not None:
             self._learner.load_state_dict(saved)
@@ -292,6 +294,6 @@ class MetaAuxWrapper(nn.Module):
         """The steps a call counts: the model step's (if ``model``), and the meta step's if anything learns."""
         return ("model",) * model + ("meta",) * (self._learner is not None)
 
-    def _batch(self, x: Tensor, y: Tensor, index: Tensor | None, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> Batch:
-        like = _build.head_parameter(self.model, self.head_name)
-        return _build.check_call(x, y, index, x_meta, y_meta, num_classes=self.num_classes, like=like, generator=self.generator)
+    def _batch(self, call: str, x: Tensor, y: Tensor, index: Tensor | None, x_meta: Tensor | None = None, y_meta: Tensor | None = None) -> Batch:
+        like, reducer = _build.head_parameter(self.model, self.head_name), self._reducer
+        return _build.check_call(call, x, y, index, x_meta, y_meta, num_classes=self.num_classes, like=like, generator=self.generator, reducer=reducer)

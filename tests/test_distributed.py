@@ -6,8 +6,10 @@ float64 model makes "equal to one process on the concatenated batch" a tight che
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,13 @@ def _train(
     return losses
 
 
+#: Calls the ranks do not agree on: a batch of another size on rank 1; meta_step on rank 1 while rank 0 calls step.
+WRONG_CALLS = ("batch_sizes", "meta_step_vs_step")
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a timeout far below gloo's default 30 minutes: a rank left waiting raises instead of hanging (docs/distributed.md)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     shard = slice(rank * FULL // WORLD, (rank + 1) * FULL // WORLD)
     results: dict[str, Any] = {}
@@ -104,6 +111,24 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 except FloatingPointError as error:
                     outcome = f"raised: {error}"
             results[f"nan_{mode}"] = {"outcome": outcome, "state": wrapper.state_dict()}
+        # wrong calls: a clear error on every rank at once (no hang, no mismatched exchange), then training goes on
+        for wrong in WRONG_CALLS:
+            wrapper, optimizer = _build(seed=0, distributed=True, engine="jvp")
+            x, y, index = _batches(shard)[0]
+            try:
+                if wrong == "batch_sizes":
+                    cut = slice(None) if rank == 0 else slice(0, -1)
+                    wrapper.step(x[cut], y[cut], optimizer, index=index[cut])
+                elif rank == 0:
+                    wrapper.step(x, y, optimizer, index=index)
+                else:
+                    wrapper.meta_step(x, y, index=index)
+                outcome = "no error"
+            except ValueError as error:
+                outcome = f"raised: {error}"
+            state, steps = copy.deepcopy(wrapper.state_dict()), dict(wrapper.steps)  # before the step below moves it
+            wrapper.step(x, y, optimizer, index=index)
+            results[f"wrong_{wrong}"] = {"outcome": outcome, "state": state, "steps": steps, "then": float(wrapper.last_losses["primary"])}
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # no rank leaves while another still talks to it
@@ -165,6 +190,24 @@ def test_a_nan_on_one_rank_is_skipped_or_raised_on_every_rank(ranks: list[dict[s
             for key, value in _tensors(untouched.state_dict()).items():
                 if key.startswith(("model.", "aux_head.", "generator.")):
                     assert torch.equal(state[key], value), f"{mode}: {key} changed"
+
+
+@pytest.mark.parametrize("wrong", WRONG_CALLS)
+def test_ranks_that_disagree_on_the_call_or_the_batch_size_all_get_a_clear_error(ranks: list[dict[str, Any]], wrong: str) -> None:
+    """Issue 15: different per-rank batch sizes were averaged silently; different calls exchanged mismatched tensors or hung."""
+    half = FULL // WORLD
+    expected = {
+        "batch_sizes": f"rank 0 called step with a batch of {half} (meta batch {half}); rank 1 called step with a batch of {half - 1}",
+        "meta_step_vs_step": f"rank 0 called step with a batch of {half} (meta batch {half}); rank 1 called meta_step with a batch of {half}",
+    }[wrong]
+    untouched, _ = _build(seed=0, engine="jvp")
+    for rank in ranks:
+        outcome = rank[f"wrong_{wrong}"]["outcome"]
+        assert outcome.startswith("raised: distributed=True needs every rank to make the same call") and expected in outcome, outcome
+        assert rank[f"wrong_{wrong}"]["steps"] == {"model": 0, "meta": 0}
+        state = _tensors(rank[f"wrong_{wrong}"]["state"])
+        assert all(torch.equal(state[key], value) for key, value in _tensors(untouched.state_dict()).items()), "a refused call changed the state"
+    assert ranks[0][f"wrong_{wrong}"]["then"] == ranks[1][f"wrong_{wrong}"]["then"]  # the group still works, in step
 
 
 def test_distributed_needs_a_process_group_and_a_first_order_engine() -> None:

@@ -18,8 +18,8 @@ from typing import Any, TextIO
 
 import torch
 
+from auxlab._build import SINGLE_TASK
 from auxlab.experiments.config import ExperimentConfig
-from auxlab.wrapper import SINGLE_TASK
 
 __all__ = [
     "NOISE_FACTOR",

@@ -23,10 +23,10 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from auxlab._build import SINGLE_TASK
 from auxlab.experiments.errors import ConfigError
 from auxlab.generators import GENERATORS, AuxLabelGenerator
 from auxlab.weighting import WEIGHTINGS
-from auxlab.wrapper import SINGLE_TASK
 
 __all__ = ["DEFAULT_WEIGHTING", "Strategy", "augmenting_psi"]
 

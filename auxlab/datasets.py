@@ -110,7 +110,7 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
             coarse ones), for the ``"human"`` strategy: ``generator_kwargs={"fine_labels": ds.fine_labels, ...}``.
         fine_class_names: name of each fine label; given exactly when ``fine_labels`` is.
 
-    Example:
+    Examples:
         >>> ds = ImageDataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), ("a", "b"))
         >>> len(ds), ds.num_classes, ds[1][1].item()
         (4, 2, 1)

@@ -41,7 +41,7 @@ class HierarchyMask:
     Args:
         psi: one sub-class count per primary class, each >= 1.
 
-    Example:
+    Examples:
         >>> mask = HierarchyMask([2, 3])
         >>> mask.num_classes, mask.num_aux_classes, mask.block(1)
         (2, 5, range(2, 5))

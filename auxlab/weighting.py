@@ -3,15 +3,12 @@
 One small :class:`AuxWeighting` subclass per rule, registered under a name that
 ``MetaAuxWrapper(weighting="name")`` accepts:
 
-================  ======================================  ==============================================
-name              class                                   weight of the auxiliary loss
-================  ======================================  ==============================================
-``"constant"``    :class:`ConstantWeighting`              ``aux_weight`` (default; the paper's rule)
-``"gcs"``         :class:`GradientCosineWeighting`        dropped or scaled on the shared layers when its
-                                                          gradient conflicts with the primary gradient
-``"uncertainty"`` :class:`UncertaintyWeighting`           learned homoscedastic uncertainty of each loss
-``"maoal"``       :class:`ModuleWeighting`                one meta-learned weight per module of the model
-================  ======================================  ==============================================
+| name | class | weight of the auxiliary loss |
+|---|---|---|
+| ``"constant"`` | :class:`ConstantWeighting` | ``aux_weight`` (default; the paper's rule) |
+| ``"gcs"`` | :class:`GradientCosineWeighting` | dropped or scaled on the shared layers when its gradient conflicts with the primary gradient |
+| ``"uncertainty"`` | :class:`UncertaintyWeighting` | learned homoscedastic uncertainty of each loss |
+| ``"maoal"`` | :class:`ModuleWeighting` | one meta-learned weight per module of the model |
 
 A rule acts at one of two levels. A *loss-level* rule (:meth:`AuxWeighting.combine`) rewrites
 the model step's loss from ``L_pri`` and ``L_aux``. A *gradient-level* rule

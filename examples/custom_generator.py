@@ -10,7 +10,8 @@ sample's dataset index, hence ``needs_index = True``). The "pretrained" network 
 the classifier trained for one epoch on the same training set. ``name="pretrained-kmeans"``
 registers the class, so the wrapper can build it by name as well as take an instance; with the
 same seed both give the same run. Single task and the built-in "kmeans" (k-means on the pixels)
-train alongside for comparison. Saves subclasses.png (example digits of each sub-class) under --out.
+train alongside for comparison. Saves subclasses.png (example digits of each sub-class) in the --out
+folder (default outputs/custom_generator).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=Path("."), help="where subclasses.png goes")
+    parser.add_argument("--out", type=Path, default=Path("outputs/custom_generator"), help="folder for subclasses.png")
     parser.add_argument("--smoke", action="store_true", help="200 training images, 1 epoch, 1 seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,7 +158,7 @@ def main() -> None:
     mask = HierarchyMask.uniform(10, PSI)
     try:
         plot_subclasses(PretrainedKMeans(mask, extractor=extractor, dataset=train_set), train_set.images, args.out / "subclasses.png")
-        print(f"saved {args.out / 'subclasses.png'}")
+        print(f"saved subclasses.png in {args.out}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
 

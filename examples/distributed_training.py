@@ -49,9 +49,11 @@ def train(args: argparse.Namespace) -> None:
         for step, (x, y) in enumerate(loader):
             if args.max_batches is not None and step >= args.max_batches:
                 break
-            loss = wrapper.step(x, y, optimizer)  # loss and meta objective are global-batch values
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {float(loss):.4f}, meta objective {float(wrapper.last_meta_objective or 0):.4f}")
+            wrapper.step(x, y, optimizer)  # returns primary + aux_weight * auxiliary
+        if rank == 0:  # the latest batch's loss parts and meta objective, global-batch values
+            losses = wrapper.last_losses
+            print(f"epoch {epoch + 1}/{args.epochs}: primary loss {float(losses['primary']):.4f} "
+                  f"(auxiliary {float(losses['auxiliary']):.4f}), meta objective {float(wrapper.last_meta_objective or 0):.4f}")
 
     # every rank holds the same networks: compare a checksum of all parameters across ranks
     checksum = torch.stack([p.detach().double().sum() for p in wrapper.state_dict().values() if isinstance(p, torch.Tensor)]).sum()

@@ -10,11 +10,11 @@ has fine classes, psi = [4, 1, 1, 3, 1]. Three strategies train the same CNN:
 
     python examples/fashion_mnist_hierarchy.py                    # 5,000 training images, 5 epochs, 3 seeds
     python examples/fashion_mnist_hierarchy.py --smoke            # seconds: 500 images, 1 epoch, 1 seed
-    python examples/fashion_mnist_hierarchy.py --data-dir ~/fmnist --limit-train 60000 --epochs 20
+    python examples/fashion_mnist_hierarchy.py --data-root ~/fmnist --limit-train 60000 --epochs 20
 
 Needs the Fashion-MNIST idx files (Debian/Ubuntu: apt-get install -y dataset-fashion-mnist). It prints
 the test accuracy of each strategy (mean ± std over seeds) and saves accuracy_curves.png (validation
-accuracy per epoch) under --out. SGD with momentum and a cosine learning-rate schedule over the epochs;
+accuracy per epoch) in the --out folder (default outputs/fashion_mnist_hierarchy). SGD with momentum and a cosine learning-rate schedule over the epochs;
 MAXL's virtual step uses the model's current learning rate, as in the paper.
 """
 
@@ -61,10 +61,10 @@ class FashionCNN(nn.Module):
 
 
 def load_data(
-    data_dir: str, limit_train: int | None, limit_test: int | None
+    data_root: str, limit_train: int | None, limit_test: int | None
 ) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
     """(train, val, test): a stratified subset of the training set, 10% of it held out for the curves."""
-    full, test = (load_fashion_mnist(data_dir, split=s, coarse=True) for s in ("train", "test"))
+    full, test = (load_fashion_mnist(data_root, split=s, coarse=True) for s in ("train", "test"))
     if limit_train is not None and limit_train < len(full):
         full = full.subset(stratified_split_indices(full.labels, fraction=limit_train / len(full), seed=0)[1])
     if limit_test is not None and limit_test < len(test):
@@ -126,13 +126,13 @@ def plot(curves: dict[str, Tensor], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=FASHION_MNIST_ROOT, help="directory of the Fashion-MNIST idx files")
+    parser.add_argument("--data-root", default=FASHION_MNIST_ROOT, help="directory of the Fashion-MNIST idx files")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds 0 .. seeds-1")
     parser.add_argument("--limit-train", type=int, default=5000, help="stratified subset of the 60,000 training images")
     parser.add_argument("--limit-test", type=int, default=None, help="stratified subset of the 10,000 test images")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=Path("."), help="where accuracy_curves.png goes")
+    parser.add_argument("--out", type=Path, default=Path("outputs/fashion_mnist_hierarchy"), help="folder for accuracy_curves.png")
     parser.add_argument("--smoke", action="store_true", help="500 training and 500 test images, 1 epoch, 1 seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,9 +140,9 @@ def main() -> None:
         args.limit_train, args.limit_test, args.epochs, args.seeds = 500, 500, 1, 1
 
     try:
-        train, val, test = load_data(args.data_dir, args.limit_train, args.limit_test)
+        train, val, test = load_data(args.data_root, args.limit_train, args.limit_test)
     except FileNotFoundError as error:  # the message says how to install Fashion-MNIST
-        parser.error(f"{error} (In this example, give the directory with --data-dir.)")
+        parser.error(f"{error} (In this example, give the directory with --data-root.)")
     print(f"coarse Fashion-MNIST: {len(train)} train, {len(val)} val, {len(test)} test images; "
           f"{args.epochs} epoch(s), {args.seeds} seed(s)")
     curves: dict[str, Tensor] = {}
@@ -160,7 +160,7 @@ def main() -> None:
     print("\n".join(rows))
     try:
         plot(curves, args.out / "accuracy_curves.png")
-        print(f"saved {args.out / 'accuracy_curves.png'}")
+        print(f"saved accuracy_curves.png in {args.out}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
 

@@ -112,6 +112,11 @@ def _curve(ax: Any, records: Sequence[dict[str, Any]], strategy: str, key: str, 
     ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=color, alpha=0.15, linewidth=0)
 
 
+#: Per primary class in :func:`plot_collapse`: a marker and a line style, so that lines that coincide stay apart.
+CLASS_MARKERS = ("o", "s", "D", "^", "v", "p", "h", "<", ">", "8")
+CLASS_LINESTYLES = ("-", "--", ":", "-.")
+
+
 def plot_collapse(
     records: Sequence[dict[str, Any]], path: Path, *, psi: Sequence[int], class_names: Sequence[str], title: str = ""
 ) -> Path | None:
@@ -120,7 +125,8 @@ def plot_collapse(
     One row of three panels per such strategy, from epoch 0 (before training) on, means over seeds:
 
     1. the sub-classes used by each primary class (argmax shares above half a uniform share; the
-       dashed line is psi, nothing collapsed);
+       dashed grey line is psi, nothing collapsed), drawn at their values: where classes coincide,
+       their markers are concentric;
     2. the target confidence of each class, the mean largest probability of its soft targets (the
        dashed line is 1/psi, flat targets, where the argmax of panel 1 means little);
     3. each class's sub-class shares after the last epoch, sorted from largest to smallest before
@@ -147,13 +153,14 @@ def plot_collapse(
             values = torch.tensor(
                 [[[r[key][c] for r in runs if r["epoch"] == e] for e in epochs] for c in range(num_classes)], dtype=torch.float64
             ).mean(2)
-            spread = 0.04 * max(psi) if key == "subclasses_used" else 0.004
             for c in range(num_classes):
-                # A small vertical offset per class keeps lines that coincide apart.
-                offset = spread * (c - (num_classes - 1) / 2) / max(num_classes - 1, 1)
-                ax.plot(epochs, values[c] + offset, marker="o", markersize=3, linewidth=1, color=f"C{c % 10}",
+                # The true values, no offset: classes whose lines coincide show as concentric hollow markers
+                # (each class its own shape, the first the largest) on dashed and dotted lines.
+                ax.plot(epochs, values[c], marker=CLASS_MARKERS[c % len(CLASS_MARKERS)],
+                        markersize=3 + 10 * (num_classes - 1 - c) / max(num_classes - 1, 1), fillstyle="none",
+                        linestyle=CLASS_LINESTYLES[c % len(CLASS_LINESTYLES)], linewidth=1, color=f"C{c % 10}",
                         label=_name(class_names, c))
-            ax.plot(epochs, values.mean(0), color="black", linewidth=2.5, label="mean")
+            ax.plot(epochs, values.mean(0), color="black", linewidth=2.5, alpha=0.4, zorder=1.5, label="mean")  # under the classes
             ax.set(xlabel="epoch (0: before training)", ylabel=label)
             _epoch_ticks(ax, epochs)
             ax.grid(alpha=0.3)

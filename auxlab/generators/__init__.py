@@ -1,19 +1,17 @@
 """Auxiliary-label strategies: one small :class:`AuxLabelGenerator` subclass per module, each
 registered under a name that ``MetaAuxWrapper(generator="name")`` accepts.
 
-====================  =========================================  ===========================
-name                  class                                      labels
-====================  =========================================  ===========================
-``"maxl"``            :class:`~auxlab.generators.maxl.MAXLGenerator`          meta-learned (default)
-``"maxl-light"``      :class:`~auxlab.generators.maxl.LightMAXLGenerator`     meta-learned, MLP on the classifier's features
-``"maxl-balanced"``   :class:`~auxlab.generators.maxl.BalancedMAXLGenerator`  meta-learned, balanced over each batch (Sinkhorn), temperature 0.5
-``"maxl-light-balanced"`` :class:`~auxlab.generators.maxl.BalancedLightMAXLGenerator` the light generator, balanced the same way
-``"random"``          :class:`~auxlab.generators.random_labels.RandomLabels`  fixed, random
-``"kmeans"``          :class:`~auxlab.generators.kmeans.KMeansLabels`         fixed, clusters per class
-``"human"``           :class:`~auxlab.generators.human.HumanLabels`           fixed, the dataset's fine labels
-``"rl"``              :class:`~auxlab.generators.rl_labels.PolicyLabels`      sampled by a policy on the classifier's features, trained by REINFORCE
-``"sla"``             :class:`~auxlab.generators.sla.SLALabels`               fixed, (class, transformation) of rotated copies
-====================  =========================================  ===========================
+| name | class | labels |
+|---|---|---|
+| ``"maxl"`` | :class:`~auxlab.generators.maxl.MAXLGenerator` | meta-learned (default) |
+| ``"maxl-light"`` | :class:`~auxlab.generators.maxl.LightMAXLGenerator` | meta-learned, MLP on the classifier's features |
+| ``"maxl-balanced"`` | :class:`~auxlab.generators.maxl.BalancedMAXLGenerator` | meta-learned, balanced over each batch (Sinkhorn), temperature 0.5 |
+| ``"maxl-light-balanced"`` | :class:`~auxlab.generators.maxl.BalancedLightMAXLGenerator` | the light generator, balanced the same way |
+| ``"random"`` | :class:`~auxlab.generators.random_labels.RandomLabels` | fixed, random |
+| ``"kmeans"`` | :class:`~auxlab.generators.kmeans.KMeansLabels` | fixed, clusters per class |
+| ``"human"`` | :class:`~auxlab.generators.human.HumanLabels` | fixed, the dataset's fine labels |
+| ``"rl"`` | :class:`~auxlab.generators.rl_labels.PolicyLabels` | sampled by a policy on the classifier's features, trained by REINFORCE |
+| ``"sla"`` | :class:`~auxlab.generators.sla.SLALabels` | fixed, (class, transformation) of rotated copies |
 """
 
 from auxlab.generators.base import GENERATORS, AuxLabelGenerator

@@ -148,7 +148,8 @@ class LightMAXLGenerator(FeatureReader, name="maxl-light"):
         hidden: the MLP's hidden width; default ``d``, the head's input width (as the ``"maxl"``
             generator's MLP head).
         seed: seeds the MLP's initialisation; the caller's random state is left as it was.
-        temperature, balance_iterations: as for :class:`MAXLGenerator` (defaults: the paper's softmax).
+        temperature: as for :class:`MAXLGenerator` (default: the paper's softmax).
+        balance_iterations: as for :class:`MAXLGenerator` (default: no balancing).
     """
 
     mlp: nn.Sequential
@@ -185,7 +186,8 @@ class BalancedMAXLGenerator(MAXLGenerator, name="maxl-balanced"):
     benchmarks/results/fashion_mnist/learning_generator.md.
 
     Args:
-        mask, network: as for :class:`MAXLGenerator`.
+        mask: as for :class:`MAXLGenerator`.
+        network: as for :class:`MAXLGenerator`.
         temperature: default 0.5.
         balance_iterations: default 3.
     """

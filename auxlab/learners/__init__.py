@@ -5,14 +5,12 @@ one when the strategy has trainable parameters, checks what it declares, and del
 step to it (see docs/architecture.md). To add a meta-learned strategy, write a subclass of
 :class:`~auxlab.learners.base.MetaLearner` beside it and name it in the strategy's class.
 
-========================================================  ===========================================
-learner                                                   learns
-========================================================  ===========================================
-:class:`~auxlab.learners.hypergradient.HypergradientLearner`      a label generator, by MAXL's hypergradient (``"maxl"``, ``"maxl-light"``)
-:class:`~auxlab.learners.hypergradient.ScaleFreeHypergradientLearner`   the same, with Adam by default (``"maxl-balanced"``, ``"maxl-light-balanced"``)
-:class:`~auxlab.learners.policy_gradient.PolicyGradientLearner`   a label policy, by REINFORCE (``"rl"``)
-:class:`~auxlab.learners.module_weighting.GradientScaleLearner`   a gradient-level weighting's scales (``"maoal"``)
-========================================================  ===========================================
+| learner | learns |
+|---|---|
+| :class:`~auxlab.learners.hypergradient.HypergradientLearner` | a label generator, by MAXL's hypergradient (``"maxl"``, ``"maxl-light"``) |
+| :class:`~auxlab.learners.hypergradient.ScaleFreeHypergradientLearner` | the same, with Adam by default (``"maxl-balanced"``, ``"maxl-light-balanced"``) |
+| :class:`~auxlab.learners.policy_gradient.PolicyGradientLearner` | a label policy, by REINFORCE (``"rl"``) |
+| :class:`~auxlab.learners.module_weighting.GradientScaleLearner` | a gradient-level weighting's scales (``"maoal"``) |
 """
 
 from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep

@@ -46,8 +46,10 @@ CSV_COLUMNS = (
 
 
 def write_config(config: ExperimentConfig, path: Path) -> Path:
-    """``config.json``: every field; ``python -m auxlab.experiments --config path`` runs it again."""
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    """``config.json``: every field; ``python -m auxlab.experiments --config path`` runs it again. Written
+    atomically: ``--resume`` reads it, so a run killed while writing must keep no partial file."""
+    with _replacing(path) as file:
+        file.write(json.dumps(config.to_dict(), indent=2) + "\n")
     return path
 
 

@@ -12,6 +12,7 @@ strategy by its name or its class: what a run needs is asked of
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,7 +171,9 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
         runs[strategy, seed] = outcome.records
         if outcome.probe_distribution is not None:  # the final labels, to compare runs (e.g. with a control)
             (run_dir / LABELS).mkdir(exist_ok=True)
-            torch.save({"probe": outcome.probe, "distribution": outcome.probe_distribution.float()}, run_dir / LABELS / f"{strategy}-seed{seed}.pt")
+            labels = run_dir / LABELS / f"{strategy}-seed{seed}.pt"
+            torch.save({"probe": outcome.probe, "distribution": outcome.probe_distribution.float()}, labels.with_name(f".{labels.name}.tmp"))
+            os.replace(labels.with_name(f".{labels.name}.tmp"), labels)  # whole or absent, if the run is killed while writing
         if grid_run and outcome.probe is not None:
             grid_columns, grid_probe = outcome.probe_columns, outcome.probe
         write_metrics()

@@ -69,13 +69,13 @@ def build_mask(psi: int | Sequence[int] | None, mask: HierarchyMask | None, num_
     return built
 
 
-def build_engine(engine: str, distributed: bool | dist.ProcessGroup) -> Engine:
-    """The engine named ``engine``, refused if training is distributed and it cannot be."""
+def build_engine(engine: str | Engine, distributed: bool | dist.ProcessGroup) -> Engine:
+    """The engine named ``engine`` (or given), refused if training is distributed and it cannot be."""
     built = get_engine(engine)  # a clear error now rather than at the first meta step
     if distributed is not False and not built.distributed:
         choices = " or ".join(repr(name) for name, e in ENGINES.items() if e.distributed)
         raise ValueError(
-            f"distributed training needs engine={choices}, got engine={engine!r}: "
+            f"distributed training needs engine={choices}, got engine={built.name!r}: "
             "only they write the hypergradient from gradients that can be averaged over the ranks"
         )
     return built

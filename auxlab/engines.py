@@ -19,6 +19,8 @@ No engine changes a parameter, a buffer (BatchNorm statistics) or ``.grad`` of t
 - ``"finite_difference"``: the same identity with ``J_c u`` replaced by the central difference
   ``(c(theta + eps u) - c(theta - eps u)) / (2 eps)``, ``eps = 0.01 / ||u||`` (as in DARTS):
   two extra forward passes, first order only, error O(eps^2).
+- ``"implicit"``: the implicit-function hypergradient, ``inner_lr * u`` replaced by a truncated Neumann
+  series for ``H^-1 u`` (:class:`ImplicitEngine`): a horizon longer than one virtual step.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from auxlab.multitask import MultiTaskNet, buffer_copies
 from auxlab.scaling import LossScaling
 
 __all__ = [
-    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "GradientsAtTheta", "LinearisedEngine", "MetaProblem", "SharedStep", "get_engine",
-    "gradient_at_theta", "gradients_at_theta", "linearised_step", "meta_loss_after", "separate_gradients", "virtual_step",
+    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "GradientsAtTheta", "ImplicitEngine", "LinearisedEngine", "MetaProblem", "SharedStep",
+    "get_engine", "gradient_at_theta", "gradients_at_theta", "linearised_step", "meta_loss_after", "neumann_direction", "one_step",
+    "separate_gradients", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -240,11 +243,22 @@ class SharedStep:
     surrogate: Tensor
 
 
+#: ``(problem, params, u) -> (p, scale)``: the direction ``p`` along which the coefficients are differentiated and the
+#: step ``scale`` that multiplies it (:func:`linearised_step`); ``(u, inner_lr)`` for the one-step hypergradient.
+Direction = Callable[[MetaProblem, dict[str, Tensor], dict[str, Tensor]], tuple[dict[str, Tensor], float]]
+
+
+def one_step(problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    """The one-step hypergradient's direction: ``u`` itself, scaled by ``inner_lr``."""
+    return u, problem.inner_lr
+
+
 def linearised_step(
     problem: MetaProblem,
     derivative: DirectionalDerivative,
     *,
     at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None,
+    direction: Direction = one_step,
 ) -> SharedStep:
     """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
 
@@ -252,6 +266,8 @@ def linearised_step(
     at theta', then one directional derivative of the auxiliary loss's coefficients ``c(theta)``
     along ``u``. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
     (``(primary, aux, buffers)``, with the graph to the parameters and the updated buffer copies).
+    ``direction`` replaces ``inner_lr * u`` by ``scale * p`` (:func:`neumann_direction`: the implicit
+    hypergradient's inverse-Hessian-vector product).
 
     Both backward passes run through ``problem.scaling`` (on scaled losses with a ``GradScaler``;
     nothing returned depends on the scale), and the gradients at theta and theta' are averaged over
@@ -293,8 +309,9 @@ def linearised_step(
 
     # in float32 even under autocast: a difference quotient in half precision is noise (off by more
     # than 100% under bfloat16), and float32 tangents are more precise (docs/performance.md)
+    p, scale = direction(problem, params, u)
     with torch.no_grad(), torch.autocast(problem.x.device.type, enabled=False), record_function("auxlab.directional_derivative"):
-        target_gradient = -problem.inner_lr * problem.aux_weight * share * derivative(coefficients, params, u)
+        target_gradient = -scale * problem.aux_weight * share * derivative(coefficients, params, p)
     return SharedStep(
         primary=primary.detach(),
         primary_loss=primary_loss,
@@ -404,8 +421,80 @@ class LinearisedEngine(Engine):
         return linearised_step(problem, self.derivative, at_theta=at_theta)
 
 
+def neumann_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, terms: int, step: float) -> dict[str, Tensor]:
+    """``p = sum_{j=0..terms} (I - step * H)^j v``, so that ``step * p`` approximates ``H^-1 v`` (a truncated
+    Neumann series), ``H`` the Hessian of ``L_pri + aux_weight * L_aux`` on ``(x, y)`` at theta over the
+    virtual parameters, the targets held fixed.
+
+    One forward pass and a gradient with its graph, then one Hessian-vector product (a double backward)
+    per term; nothing of the series is kept but the running term and sum, so memory does not grow with
+    ``terms``. The series converges when ``step`` is below ``2 / lambda_max(H)`` and ``H`` is positive
+    definite on ``v``'s span; truncated, it is the usual approximation (AuxiLearn's).
+    """
+    if terms == 0:
+        return v
+    with torch.enable_grad(), record_function("auxlab.gradient.neumann"):
+        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+        every = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+        primary, aux = functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
+        inner = problem.inner_loss(primary, aux, problem.targets.detach())
+        grads = torch.autograd.grad(inner, list(leaves.values()), create_graph=True, allow_unused=True)
+        term, total = dict(v), dict(v)
+        for _ in range(terms):
+            dot = sum(((g * term[name]).sum() for name, g in zip(leaves, grads) if g is not None), inner.new_zeros(()))
+            hessian_term = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True, allow_unused=True)
+            term = {name: term[name] - step * h.detach() if h is not None else term[name] for name, h in zip(leaves, hessian_term)}
+            total = {name: total[name] + term[name] for name in total}
+    return total
+
+
+class ImplicitEngine(LinearisedEngine):
+    """The implicit-function hypergradient: ``-aux_weight * J_c(theta) H^-1 u``, ``H^-1 u`` by a truncated
+    Neumann series (:func:`neumann_direction`) instead of MAXL's one-step ``inner_lr * u``.
+
+    By the implicit function theorem, at a minimiser theta* of the training loss the targets move the
+    meta loss by ``-(d/dt grad_theta L_train)^T H^-1 grad L_pri,meta``; the one-step hypergradient is
+    its first term (``terms=0``, ``step=inner_lr``: exactly the ``"jvp"`` engine's result), and each
+    further term extends the horizon, without being proportional to ``inner_lr``. ``u`` is the meta
+    loss's gradient after the virtual step (as in MAXL); ``H`` is taken at theta. First order apart
+    from the Hessian-vector products; shares the model step's gradient like ``"jvp"``; not (yet) for
+    data-parallel training or a loss scaler.
+
+    Args:
+        terms: Neumann terms after the first (0: the one-step hypergradient).
+        step: the series' step ``alpha`` (``H^-1 ~ alpha * sum_j (I - alpha H)^j``); None: ``inner_lr``.
+        derivative: the directional derivative of the coefficients (:func:`forward_mode`).
+        name: its name in :data:`ENGINES`.
+    """
+
+    distributed = False
+    loss_scaling = False
+
+    def __init__(self, terms: int = 3, step: float | None = None, *, derivative: DirectionalDerivative = forward_mode, name: str = "implicit") -> None:
+        if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
+            raise ValueError(f"terms must be an integer >= 0 (Neumann terms after the first), got {terms!r}")
+        if step is not None and not (isinstance(step, (int, float)) and step > 0):
+            raise ValueError(f"step must be a positive number (the Neumann series' step) or None for inner_lr, got {step!r}")
+        super().__init__(name, derivative, exact=False)
+        self.terms, self.step = terms, step
+
+    def _direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+        step = problem.inner_lr if self.step is None else float(self.step)
+        return neumann_direction(problem, params, u, terms=self.terms, step=step), step
+
+    def meta_loss(self, problem: MetaProblem) -> Tensor:
+        return linearised_step(problem, self.derivative, direction=self._direction).surrogate
+
+    def shared_step(self, problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None) -> SharedStep:
+        return linearised_step(problem, self.derivative, at_theta=at_theta, direction=self._direction)
+
+    def __repr__(self) -> str:
+        return f"ImplicitEngine(terms={self.terms}, step={self.step}, name={self.name!r})"
+
+
 #: Engine name -> engine. ``"jvp"``: exact, one forward-mode Jacobian-vector product (the default);
-#: ``"finite_difference"``: two extra forward passes instead, O(eps^2).
+#: ``"finite_difference"``: two extra forward passes instead, O(eps^2); ``"implicit"``: the implicit-function
+#: hypergradient with 3 Neumann terms (:class:`ImplicitEngine`; build one with other terms and pass it as ``engine=``).
 ENGINES: dict[str, Engine] = {
     engine.name: engine
     for engine in (
@@ -413,12 +502,15 @@ ENGINES: dict[str, Engine] = {
         HigherEngine(),
         LinearisedEngine("jvp", forward_mode, exact=True),
         LinearisedEngine("finite_difference", central_difference, exact=False),
+        ImplicitEngine(),
     )
 }
 
 
-def get_engine(name: str) -> Engine:
-    """The engine registered as ``name``; a ValueError listing the choices otherwise."""
+def get_engine(name: str | Engine) -> Engine:
+    """The engine registered as ``name`` (or ``name`` itself if it is an :class:`Engine`); a ValueError listing the choices otherwise."""
+    if isinstance(name, Engine):
+        return name
     if not isinstance(name, str) or name not in ENGINES:
         raise ValueError(f"engine={name!r} is not known; choose one of {sorted(ENGINES)}")
     return ENGINES[name]

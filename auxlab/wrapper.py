@@ -14,6 +14,7 @@ from auxlab._checks import check_integer, check_number
 from auxlab._seeding import seeded
 from auxlab.context import Batch, FiniteGuard, StepContext, strategy_name
 from auxlab.distributed import LocalReducer
+from auxlab.engines import Engine
 from auxlab.generators import AuxLabelGenerator
 from auxlab.hierarchy import HierarchyMask
 from auxlab.learners.base import MetaLearner, OptimizerFactory
@@ -64,10 +65,10 @@ class MetaAuxWrapper(nn.Module):
         aux_weight: weight of the auxiliary loss in the model's loss (paper: 1.0).
         entropy_weight: weight of the generator's entropy regulariser (paper: 0.2).
         focal_gamma: 0 for cross entropy on both heads; the paper's focal loss is 2.
-        engine: the hypergradient engine (:mod:`auxlab.engines`), fixed at construction: ``"jvp"`` (default;
-            exact, one forward-mode product, no second-order graph: the fastest exact engine with the least
-            memory on CPU), ``"functional"`` (exact, a second-order graph; for ops without a forward-mode
-            derivative), ``"higher"`` (exact, the higher library), ``"finite_difference"`` (first order).
+        engine: the hypergradient engine (:mod:`auxlab.engines`), fixed at construction: ``"jvp"`` (default; exact, one
+            forward-mode product, no second-order graph: the fastest exact engine with the least memory on CPU),
+            ``"functional"`` (exact, a second-order graph), ``"higher"`` (exact, the higher library), ``"finite_difference"``
+            (first order), ``"implicit"`` (implicit-function hypergradient), or an ``Engine`` (``ImplicitEngine(terms=5)``).
         meta_every: take the meta step on every ``meta_every``-th call only; 1 is the paper's algorithm.
         virtual_params: restrict the virtual step to these names or name prefixes of
             ``wrapper.named_parameters()`` (e.g. ``["aux_head", "model.fc"]``); None: all, as in the paper.
@@ -98,7 +99,7 @@ class MetaAuxWrapper(nn.Module):
         generator_optimizer: OptimizerFactory | None = None, weighting: str | AuxWeighting = "constant",
         weighting_kwargs: Mapping[str, Any] | None = None, weighting_optimizer: OptimizerFactory | None = None,
         head: str | None = None, inner_lr: float = 0.01, aux_weight: float = 1.0, entropy_weight: float = 0.2,
-        focal_gamma: float = 0.0, engine: str = "jvp", meta_every: int = 1, virtual_params: Sequence[str] | None = None,
+        focal_gamma: float = 0.0, engine: str | Engine = "jvp", meta_every: int = 1, virtual_params: Sequence[str] | None = None,
         nonfinite: Literal["raise", "skip"] = "raise", seed: int = 0, distributed: bool | dist.ProcessGroup = False,
     ) -> None:
         super().__init__()

@@ -61,11 +61,13 @@ def generator_kwargs(generator: str, config: ExperimentConfig, data: TaskData) -
 def run_data(config: ExperimentConfig, data: TaskData, strategy: Strategy) -> tuple[RunSplit, TaskData]:
     """The split a run of ``strategy`` trains on, and ``data`` with that split as its training split.
 
-    A strategy that :attr:`~auxlab.experiments.strategies.Strategy.needs_dev_split` trains on the
-    training split less a stratified development split of ``config.dev_fraction`` (seeded by
-    ``config.data_seed``, so the same for every seed); every other strategy on the whole of it.
+    A strategy that :attr:`~auxlab.experiments.strategies.Strategy.needs_dev_split`, or that
+    ``config.held_out_meta_batch`` names, trains on the training split less a stratified development split
+    of ``config.dev_fraction`` (seeded by ``config.data_seed``, so the same for every seed); every other
+    strategy on the whole of it.
     """
-    split = run_split(data.train, dev_fraction=config.dev_fraction if strategy.needs_dev_split else None, seed=config.data_seed)
+    held_out = strategy.needs_dev_split or strategy.name in config.held_out_meta_batch
+    split = run_split(data.train, dev_fraction=config.dev_fraction if held_out else None, seed=config.data_seed)
     return split, dataclasses.replace(data, train=split.train)
 
 

@@ -83,6 +83,9 @@ class ExperimentConfig:
     dev_fraction: float = field(default=0.1, metadata=_help(
         "share of the training split carved out, stratified, as the development split whose batches are the meta batches "
         "(x_meta, y_meta) of the strategies that learn from them (+maoal, rl); those train on the rest, the others on all of it"))
+    held_out_meta_batch: tuple[str, ...] = field(default=(), metadata=_help(
+        "comma-separated strategies (of --strategies) whose meta step learns from the development split's batches (x_meta, y_meta) "
+        "instead of the training batch, as +maoal and rl always do; they train on the rest of the training split"))
     data_seed: int = field(default=0, metadata=_help(
         "seed of the data splits and subsets (digits train/test, validation, limit_*, the collapse subset); the same for every training seed"))
     limit_train: int | None = field(default=None, metadata=_help(
@@ -243,6 +246,10 @@ class ExperimentConfig:
         _no_duplicates("strategies", self.strategies)
         for s in self.strategies:
             Strategy.parse(s)
+        _no_duplicates("held_out_meta_batch", self.held_out_meta_batch)
+        for s in self.held_out_meta_batch:
+            if s not in self.strategies:
+                raise ConfigError(f"held_out_meta_batch has {s!r}, which is not among strategies ({', '.join(self.strategies)})")
         for name, kwargs in self.generator_kwargs.items():
             if name not in GENERATORS:
                 raise ConfigError(f"generator_kwargs has unknown generator {name!r}; its keys must be generators among {', '.join(sorted(GENERATORS))}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from auxlab.checkpoint import load_checkpoint
-from auxlab.experiments import load_task, run_experiment
+from auxlab.experiments import ConfigError, load_task, run_experiment
 from auxlab.experiments.build import build_wrapper, run_data
 from auxlab.experiments.report import summarise
 from auxlab.experiments.strategies import Strategy
@@ -155,6 +155,23 @@ def test_rl_learns_from_a_development_split(tmp_path: Path, monkeypatch: pytest.
     policy = {k: v for k, v in checkpoint["wrapper"].items() if k.startswith("generator.net.")}
     fresh = build_wrapper(result.config, load_task(result.config), Strategy.parse("rl"), seed=0, device=torch.device("cpu"))
     assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in policy.items())
+
+
+def test_held_out_meta_batch_gives_maxl_a_development_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--held-out-meta-batch maxl-light: its meta batches come from the development split (issue 14's hypothesis);
+    the other strategies keep the whole training split and the training batch."""
+    config = tiny(tmp_path, strategies=("single", "maxl-light"), seeds=(0,), held_out_meta_batch=("maxl-light",))
+    seen = meta_batches_seen(monkeypatch)
+    result = run_experiment(config, log=quiet)
+    final = {r["strategy"]: r for r in result.records if r["epoch"] == 1}
+    assert (final["single"]["train_samples"], final["single"]["dev_samples"]) == (180, None)
+    assert (final["maxl-light"]["train_samples"], final["maxl-light"]["dev_samples"]) == (162, 18)
+    split, _ = run_data(result.config, load_task(result.config), Strategy.parse("maxl-light"))
+    held_out = [x for x in seen if x is not None]  # single's two steps take none
+    assert split.dev is not None and len(seen) == 4 and len(held_out) == 2
+    assert all(rows_of(x, split.dev.images) == set(range(18)) for x in held_out)
+    with pytest.raises(ConfigError, match=r"held_out_meta_batch has 'maxl', which is not among strategies \(single\)"):
+        tiny(tmp_path, strategies=("single",), held_out_meta_batch=("maxl",))
 
 
 def test_no_progress_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -234,7 +234,7 @@ def test_command_line_writes_the_report(mode: list[str], tmp_path: Path, capsys:
 # --------------------------------------------------------------------------------------- results layout
 RESULTS = ROOT / "benchmarks" / "results"
 #: What made each folder of benchmarks/results: a script of benchmarks/, or the experiments runner.
-RESULT_FOLDERS = {"step_cost", "jvp_variants", "jvp_weight_swap", "fashion_mnist", "hypergradient_equivalence"}
+RESULT_FOLDERS = {"step_cost", "jvp_variants", "jvp_weight_swap", "fashion_mnist", "hypergradient_equivalence", "graph_lifetime"}
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 

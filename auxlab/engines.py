@@ -35,6 +35,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.profiler import record_function
 
+from auxlab._checks import check_integer, check_number
 from auxlab._gradients import attach_gradient, global_norm
 from auxlab.distributed import LocalReducer
 from auxlab.losses import classification_loss, model_step_losses, soft_target_coefficients
@@ -471,12 +472,9 @@ class ImplicitEngine(LinearisedEngine):
     loss_scaling = False
 
     def __init__(self, terms: int = 3, step: float | None = None, *, derivative: DirectionalDerivative = forward_mode, name: str = "implicit") -> None:
-        if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
-            raise ValueError(f"terms must be an integer >= 0 (Neumann terms after the first), got {terms!r}")
-        if step is not None and not (isinstance(step, (int, float)) and step > 0):
-            raise ValueError(f"step must be a positive number (the Neumann series' step) or None for inner_lr, got {step!r}")
         super().__init__(name, derivative, exact=False)
-        self.terms, self.step = terms, step
+        self.terms = check_integer(terms, "terms", minimum=0)
+        self.step = None if step is None else check_number(step, "step", positive=True)
 
     def _direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
         step = problem.inner_lr if self.step is None else float(self.step)

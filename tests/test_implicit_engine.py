@@ -101,9 +101,9 @@ def test_neumann_terms_converge_to_the_exact_implicit_hypergradient() -> None:
 
 def test_the_default_engine_is_registered_and_arguments_are_checked() -> None:
     assert isinstance(ENGINES["implicit"], ImplicitEngine) and ENGINES["implicit"].terms == 3 and not ENGINES["implicit"].exact
-    with pytest.raises(ValueError, match="terms must be an integer >= 0"):
+    with pytest.raises(ValueError, match="terms must be an integer >= 0, got -1"):
         ImplicitEngine(terms=-1)
-    with pytest.raises(ValueError, match="step must be a positive number"):
+    with pytest.raises(ValueError, match="step must be > 0, got 0.0"):
         ImplicitEngine(step=0.0)
     with pytest.raises(ValueError, match="distributed training needs engine='jvp' or 'finite_difference', got engine='implicit'"):
         MetaAuxWrapper(TinyBNNet(), num_classes=NUM_CLASSES, psi=PSI, engine="implicit", distributed=True)

@@ -172,8 +172,9 @@ def _run_experiment(config: ExperimentConfig, *, log: Log, command: str | None) 
         if outcome.probe_distribution is not None:  # the final labels, to compare runs (e.g. with a control)
             (run_dir / LABELS).mkdir(exist_ok=True)
             labels = run_dir / LABELS / f"{strategy}-seed{seed}.pt"
-            torch.save({"probe": outcome.probe, "distribution": outcome.probe_distribution.float()}, labels.with_name(f".{labels.name}.tmp"))
-            os.replace(labels.with_name(f".{labels.name}.tmp"), labels)  # whole or absent, if the run is killed while writing
+            temporary = labels.with_name(f".{labels.name}.tmp")
+            torch.save({"probe": outcome.probe, "distribution": outcome.probe_distribution.float()}, temporary)
+            os.replace(temporary, labels)  # whole or absent, if the run is killed while writing
         if grid_run and outcome.probe is not None:
             grid_columns, grid_probe = outcome.probe_columns, outcome.probe
         write_metrics()
@@ -251,7 +252,7 @@ def _remove_previous_run(run_dir: Path) -> None:
     would mistake for this one's: metrics, checkpoints and final labels."""
     for name in ("metrics.jsonl", "metrics.csv"):
         (run_dir / name).unlink(missing_ok=True)
-    for folder, patterns in ((run_dir / CHECKPOINTS, ("*-seed*.pt", ".*-seed*.pt.*.tmp")), (run_dir / LABELS, ("*-seed*.pt",))):
+    for folder, patterns in ((run_dir / CHECKPOINTS, ("*-seed*.pt", ".*-seed*.pt.*.tmp")), (run_dir / LABELS, ("*-seed*.pt", ".*-seed*.pt.tmp"))):
         for path in [p for pattern in patterns for p in folder.glob(pattern)] if folder.is_dir() else []:
             path.unlink(missing_ok=True)
 

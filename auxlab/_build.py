@@ -287,6 +287,12 @@ def new_aux_head(model: nn.Module, head_name: str, num_aux_classes: int) -> nn.L
     return nn.Linear(weight.shape[1], num_aux_classes, device=weight.device, dtype=weight.dtype)
 
 
+def aux_input(generator: AuxLabelGenerator | None) -> Callable[[Tensor, bool], Tensor] | None:
+    """What the auxiliary head reads instead of the classifier's features: a ``generates_features`` strategy's
+    :meth:`~auxlab.AuxLabelGenerator.auxiliary_features`; None for every other strategy."""
+    return generator.auxiliary_features if generator is not None and generator.generates_features else None
+
+
 def check_scaler(scaler: object) -> torch.amp.GradScaler | None:
     """``scaler`` if it is an enabled GradScaler; None if none or disabled."""
     if scaler is None:

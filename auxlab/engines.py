@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -43,9 +43,9 @@ from auxlab.multitask import MultiTaskNet, buffer_copies
 from auxlab.scaling import LossScaling
 
 __all__ = [
-    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "GradientsAtTheta", "ImplicitEngine", "LinearisedEngine", "MetaProblem", "SharedStep",
-    "get_engine", "gradient_at_theta", "gradients_at_theta", "linearised_step", "meta_loss_after", "neumann_direction", "one_step",
-    "separate_gradients", "virtual_step",
+    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "FirstOrderPass", "GradientsAtTheta", "ImplicitEngine", "LinearisedEngine", "MetaProblem", "SharedStep",
+    "conjugate_gradient_direction", "first_order_pass", "get_engine", "gradient_at_theta", "gradients_at_theta", "hessian_operator",
+    "linearised_step", "meta_loss_after", "neumann_direction", "one_step", "separate_gradients", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -254,26 +254,39 @@ def one_step(problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tenso
     return u, problem.inner_lr
 
 
-def linearised_step(
-    problem: MetaProblem,
-    derivative: DirectionalDerivative,
-    *,
-    at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None,
-    direction: Direction = one_step,
-) -> SharedStep:
-    """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
+@dataclass(frozen=True)
+class FirstOrderPass:
+    """The first-order part of a linearised meta step (:func:`first_order_pass`), all detached.
 
-    First-order gradients only: ``g`` at theta (which is also the model step's gradient), ``u``
-    at theta', then one directional derivative of the auxiliary loss's coefficients ``c(theta)``
-    along ``u``. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
+    Attributes:
+        primary: ``(B, C)`` primary logits at theta.
+        primary_loss, aux_loss: the model step's loss terms at theta (averaged over the ranks).
+        grads: gradient of ``primary_loss + aux_weight * aux_loss`` for every trainable parameter, by
+            name (None where a parameter is unused): the model step's gradient.
+        buffers: the network's buffers after the forward pass at theta, for the caller to commit.
+        params: the virtual parameters at theta, by name.
+        u: ``grad L_pri(f_theta'(x_meta), y_meta)`` for each virtual parameter, at
+            ``theta' = theta - inner_lr * grads``.
+        meta_loss: ``L_pri(f_theta'(x_meta), y_meta)``.
+    """
+
+    primary: Tensor
+    primary_loss: Tensor
+    aux_loss: Tensor
+    grads: dict[str, Tensor | None]
+    buffers: dict[str, Tensor]
+    params: dict[str, Tensor]
+    u: dict[str, Tensor]
+    meta_loss: Tensor
+
+
+def first_order_pass(problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None) -> FirstOrderPass:
+    """The gradient ``g`` at theta (also the model step's), the virtual step, and ``u`` at theta'.
+
+    First-order gradients only, both through ``problem.scaling`` and averaged over ``problem.reducer``'s
+    ranks. ``at_theta``: the network's forward pass on ``x`` at theta, if the caller has it
     (``(primary, aux, buffers)``, with the graph to the parameters and the updated buffer copies).
-    ``direction`` replaces ``inner_lr * u`` by ``scale * p`` (:func:`neumann_direction`: the implicit
-    hypergradient's inverse-Hessian-vector product).
-
-    Both backward passes run through ``problem.scaling`` (on scaled losses with a ``GradScaler``;
-    nothing returned depends on the scale), and the gradients at theta and theta' are averaged over
-    ``problem.reducer``'s ranks. The directional derivative runs in float32 (outside autocast),
-    where ``u`` does not underflow.
+    The targets are held fixed (detached).
     """
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
     virtual = problem.parameters()
@@ -301,6 +314,27 @@ def linearised_step(
     meta_loss = meta_loss.detach()
     # u of the mean meta loss; each rank's targets carry 1/R of the batch
     problem.reducer.average_([meta_loss, *u.values()])
+    return FirstOrderPass(primary.detach(), primary_loss, aux_loss, grads, step_buffers, params, u, meta_loss)
+
+
+def linearised_step(
+    problem: MetaProblem,
+    derivative: DirectionalDerivative,
+    *,
+    at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None,
+    direction: Direction = one_step,
+) -> SharedStep:
+    """The hypergradient through the targets from ``-inner_lr * aux_weight * J_c(theta) u``.
+
+    :func:`first_order_pass` (``g`` at theta, which is also the model step's gradient, and ``u`` at
+    theta'), then one directional derivative of the auxiliary loss's coefficients ``c(theta)`` along
+    ``u``. ``direction`` replaces ``inner_lr * u`` by ``scale * p`` (:func:`neumann_direction`: the
+    implicit hypergradient's inverse-Hessian-vector product).
+
+    Nothing returned depends on a loss scale. The directional derivative runs in float32 (outside
+    autocast), where ``u`` does not underflow.
+    """
+    first = first_order_pass(problem, at_theta=at_theta)
     share = 1.0 / problem.reducer.world_size
 
     def coefficients(at: dict[str, Tensor]) -> Tensor:
@@ -310,16 +344,16 @@ def linearised_step(
 
     # in float32 even under autocast: a difference quotient in half precision is noise (off by more
     # than 100% under bfloat16), and float32 tangents are more precise (docs/performance.md)
-    p, scale = direction(problem, params, u)
+    p, scale = direction(problem, first.params, first.u)
     with torch.no_grad(), torch.autocast(problem.x.device.type, enabled=False), record_function("auxlab.directional_derivative"):
-        target_gradient = -scale * problem.aux_weight * share * derivative(coefficients, params, p)
+        target_gradient = -scale * problem.aux_weight * share * derivative(coefficients, first.params, p)
     return SharedStep(
-        primary=primary.detach(),
-        primary_loss=primary_loss,
-        aux_loss=aux_loss,
-        grads=grads,
-        buffers=step_buffers,
-        surrogate=attach_gradient(meta_loss, [problem.targets], [target_gradient]),
+        primary=first.primary,
+        primary_loss=first.primary_loss,
+        aux_loss=first.aux_loss,
+        grads=first.grads,
+        buffers=first.buffers,
+        surrogate=attach_gradient(first.meta_loss, [problem.targets], [target_gradient]),
     )
 
 
@@ -415,11 +449,43 @@ class LinearisedEngine(Engine):
         self.derivative = derivative
         self.exact = exact
 
+    def direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+        """``(p, scale)``: the hypergradient's horizon, ``scale * p`` standing for the parameters' response to the
+        targets along ``u``; the one-step hypergradient's ``(u, inner_lr)`` here (:func:`one_step`)."""
+        return one_step(problem, params, u)
+
     def meta_loss(self, problem: MetaProblem) -> Tensor:
-        return linearised_step(problem, self.derivative).surrogate
+        return linearised_step(problem, self.derivative, direction=self.direction).surrogate
 
     def shared_step(self, problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None) -> SharedStep:
-        return linearised_step(problem, self.derivative, at_theta=at_theta)
+        return linearised_step(problem, self.derivative, at_theta=at_theta, direction=self.direction)
+
+
+HessianVectorProduct = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def hessian_operator(problem: MetaProblem, params: dict[str, Tensor]) -> HessianVectorProduct:
+    """``v -> H v``, ``H`` the Hessian of ``L_pri + aux_weight * L_aux`` on ``(x, y)`` at theta over the virtual
+    parameters ``params``, the targets held fixed: one forward pass and a gradient with its graph now, then
+    one double backward per product (results detached). Call it with gradients enabled."""
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    every = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+    primary, aux = functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
+    inner = problem.inner_loss(primary, aux, problem.targets.detach())
+    grads = torch.autograd.grad(inner, list(leaves.values()), create_graph=True, allow_unused=True)
+
+    def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        dot = sum(((g * v[name]).sum() for name, g in zip(leaves, grads) if g is not None), inner.new_zeros(()))
+        if not dot.requires_grad:  # no parameter of the virtual step reaches the loss
+            return {name: torch.zeros_like(t) for name, t in v.items()}
+        hessian_term = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True, allow_unused=True)
+        return {name: torch.zeros_like(v[name]) if h is None else h.detach() for name, h in zip(leaves, hessian_term)}
+
+    return product
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    return cast(Tensor, sum((a[name] * b[name]).sum() for name in a))
 
 
 def neumann_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, terms: int, step: float) -> dict[str, Tensor]:
@@ -428,42 +494,76 @@ def neumann_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[s
     virtual parameters, the targets held fixed.
 
     One forward pass and a gradient with its graph, then one Hessian-vector product (a double backward)
-    per term; nothing of the series is kept but the running term and sum, so memory does not grow with
-    ``terms``. The series converges when ``step`` is below ``2 / lambda_max(H)`` and ``H`` is positive
-    definite on ``v``'s span; truncated, it is the usual approximation (AuxiLearn's).
+    per term (:func:`hessian_operator`); nothing of the series is kept but the running term and sum, so
+    memory does not grow with ``terms``. The series converges when ``step`` is below ``2 / lambda_max(H)``
+    and ``H`` is positive definite on ``v``'s span; truncated, it is the usual approximation (AuxiLearn's).
     """
     if terms == 0:
         return v
     with torch.enable_grad(), record_function("auxlab.gradient.neumann"):
-        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-        every = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
-        primary, aux = functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
-        inner = problem.inner_loss(primary, aux, problem.targets.detach())
-        grads = torch.autograd.grad(inner, list(leaves.values()), create_graph=True, allow_unused=True)
+        hessian = hessian_operator(problem, params)
         term, total = dict(v), dict(v)
         for _ in range(terms):
-            dot = sum(((g * term[name]).sum() for name, g in zip(leaves, grads) if g is not None), inner.new_zeros(()))
-            hessian_term = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True, allow_unused=True)
-            term = {name: term[name] - step * h.detach() if h is not None else term[name] for name, h in zip(leaves, hessian_term)}
+            product = hessian(term)
+            term = {name: term[name] - step * product[name] for name in term}
             total = {name: total[name] + term[name] for name in total}
     return total
 
 
+def conjugate_gradient_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, iterations: int, start: float) -> dict[str, Tensor]:
+    """``p ~ H^-1 v`` by ``iterations`` steps of conjugate gradient from ``start * v`` (so that with none it is
+    the one-step hypergradient's ``inner_lr * v`` when ``start`` is ``inner_lr``), ``H`` as in
+    :func:`neumann_direction`; one Hessian-vector product per step and one for the first residual.
+
+    Truncated as in Newton-CG: it stops early where ``H`` has no positive curvature along the search
+    direction (a non-convex training loss), or once the residual is below ``sqrt(eps)`` of ``v``'s norm
+    (``eps`` of ``v``'s dtype), where rounding would start to steer it into ``H``'s null space.
+    """
+    p = {name: start * t for name, t in v.items()}
+    if iterations == 0:
+        return p
+    with torch.enable_grad(), record_function("auxlab.gradient.conjugate_gradient"):
+        hessian = hessian_operator(problem, params)
+        product = hessian(p)
+        residual = {name: v[name] - product[name] for name in v}
+        search, rr = dict(residual), _dot(residual, residual)
+        tolerance = float(_dot(v, v)) * torch.finfo(rr.dtype).eps  # squared: ||r|| <= sqrt(eps) * ||v||
+        for _ in range(iterations):
+            if float(rr) <= tolerance:
+                break
+            product = hessian(search)
+            curvature = _dot(search, product)
+            if float(curvature) <= 0.0:
+                break
+            alpha = rr / curvature
+            p = {name: p[name] + alpha * search[name] for name in p}
+            residual = {name: residual[name] - alpha * product[name] for name in residual}
+            rr_next = _dot(residual, residual)
+            search = {name: residual[name] + (rr_next / rr) * search[name] for name in search}
+            rr = rr_next
+    return p
+
+
 class ImplicitEngine(LinearisedEngine):
     """The implicit-function hypergradient: ``-aux_weight * J_c(theta) H^-1 u``, ``H^-1 u`` by a truncated
-    Neumann series (:func:`neumann_direction`) instead of MAXL's one-step ``inner_lr * u``.
+    Neumann series (:func:`neumann_direction`) or by conjugate gradient (:func:`conjugate_gradient_direction`)
+    instead of MAXL's one-step ``inner_lr * u``.
 
     By the implicit function theorem, at a minimiser theta* of the training loss the targets move the
     meta loss by ``-(d/dt grad_theta L_train)^T H^-1 grad L_pri,meta``; the one-step hypergradient is
-    its first term (``terms=0``, ``step=inner_lr``: exactly the ``"jvp"`` engine's result), and each
-    further term extends the horizon, without being proportional to ``inner_lr``. ``u`` is the meta
-    loss's gradient after the virtual step (as in MAXL); ``H`` is taken at theta. First order apart
-    from the Hessian-vector products; shares the model step's gradient like ``"jvp"``; not (yet) for
-    data-parallel training or a loss scaler.
+    its first term (``terms=0``, ``step=inner_lr``: exactly the ``"jvp"`` engine's result, with either
+    solver), and each further term extends the horizon, without being proportional to ``inner_lr``.
+    ``u`` is the meta loss's gradient after the virtual step (as in MAXL); ``H`` is taken at theta. First
+    order apart from the Hessian-vector products; shares the model step's gradient like ``"jvp"``; not
+    (yet) for data-parallel training or a loss scaler.
 
     Args:
-        terms: Neumann terms after the first (0: the one-step hypergradient).
-        step: the series' step ``alpha`` (``H^-1 ~ alpha * sum_j (I - alpha H)^j``); None: ``inner_lr``.
+        terms: Neumann terms after the first, or conjugate-gradient steps (0: the one-step hypergradient).
+        step: the Neumann series' step ``alpha`` (``H^-1 ~ alpha * sum_j (I - alpha H)^j``), and conjugate
+            gradient's start ``alpha * u``; None: ``inner_lr``.
+        solver: ``"neumann"`` (AuxiLearn's; converges for ``step < 2 / lambda_max(H)``) or ``"cg"``
+            (conjugate gradient; no step to tune, fewer products for the same error where ``H`` is
+            positive definite, stops where it is not).
         derivative: the directional derivative of the coefficients (:func:`forward_mode`).
         name: its name in :data:`ENGINES`.
     """
@@ -471,23 +571,27 @@ class ImplicitEngine(LinearisedEngine):
     distributed = False
     loss_scaling = False
 
-    def __init__(self, terms: int = 3, step: float | None = None, *, derivative: DirectionalDerivative = forward_mode, name: str = "implicit") -> None:
+    def __init__(
+        self, terms: int = 3, step: float | None = None, *, solver: Literal["neumann", "cg"] = "neumann",
+        derivative: DirectionalDerivative = forward_mode, name: str = "implicit",
+    ) -> None:
         super().__init__(name, derivative, exact=False)
         self.terms = check_integer(terms, "terms", minimum=0)
         self.step = None if step is None else check_number(step, "step", positive=True)
+        if solver not in ("neumann", "cg"):
+            raise ValueError(f"solver={solver!r} is not known; choose 'neumann' (a truncated Neumann series) or 'cg' (conjugate gradient)")
+        self.solver: Literal["neumann", "cg"] = solver
 
-    def _direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    def direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+        """``(p, scale)`` with ``scale * p ~ H^-1 u``: the truncated Neumann series (``scale`` its step) or
+        conjugate gradient (``scale`` 1)."""
         step = problem.inner_lr if self.step is None else float(self.step)
+        if self.solver == "cg":
+            return conjugate_gradient_direction(problem, params, u, iterations=self.terms, start=step), 1.0
         return neumann_direction(problem, params, u, terms=self.terms, step=step), step
 
-    def meta_loss(self, problem: MetaProblem) -> Tensor:
-        return linearised_step(problem, self.derivative, direction=self._direction).surrogate
-
-    def shared_step(self, problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None) -> SharedStep:
-        return linearised_step(problem, self.derivative, at_theta=at_theta, direction=self._direction)
-
     def __repr__(self) -> str:
-        return f"ImplicitEngine(terms={self.terms}, step={self.step}, name={self.name!r})"
+        return f"ImplicitEngine(terms={self.terms}, step={self.step}, solver={self.solver!r}, name={self.name!r})"
 
 
 #: Engine name -> engine. ``"jvp"``: exact, one forward-mode Jacobian-vector product (the default);

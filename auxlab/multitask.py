@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -42,23 +42,36 @@ def find_head(model: nn.Module, num_classes: int, head: str | None) -> str:
         f"{fits}; pick the primary head with head='name'")
 
 
+#: ``(features, differentiable) -> features``: what the auxiliary head reads, made from the primary head's input
+#: (a strategy's :meth:`~auxlab.AuxLabelGenerator.auxiliary_features`); ``differentiable``: with the gradient
+#: to the strategy's own parameters.
+AuxiliaryInput = Callable[[Tensor, bool], Tensor]
+
+
 class MultiTaskNet(nn.Module):
     """Runs the user's ``model`` and feeds the input of its head to ``aux_head``.
 
     The head's input is captured by a forward pre-hook that exists only for the duration of one
     call, so ``model`` is never changed and stays usable on its own. Works under
-    ``torch.func.functional_call`` and ``higher`` alike.
+    ``torch.func.functional_call`` and ``higher`` alike. ``aux_input``, if given, maps the head's
+    input to what the auxiliary head reads (DTG-AuxL's generated features); it is a function, not a
+    submodule, so its parameters are not the network's.
     """
 
-    def __init__(self, model: nn.Module, head_name: str, aux_head: nn.Linear | None) -> None:
+    def __init__(self, model: nn.Module, head_name: str, aux_head: nn.Linear | None, aux_input: AuxiliaryInput | None = None) -> None:
         super().__init__()
         self.model = model
         self.aux_head = aux_head
         self.head_name = head_name
+        self.aux_input = aux_input
 
-    def forward(self, x: Tensor, with_aux: bool = True, with_features: bool = False) -> tuple[Tensor | None, ...]:
+    def forward(
+        self, x: Tensor, with_aux: bool = True, with_features: bool = False, aux_input_grad: bool = False
+    ) -> tuple[Tensor | None, ...]:
         """Returns ``(primary, aux)``: ``(B, C)`` logits and ``(B, K)`` auxiliary logits (or None);
-        with ``with_features``, ``(primary, aux, features)`` with ``features`` the head's ``(B, d)`` input."""
+        with ``with_features``, ``(primary, aux, features)`` with ``features`` the head's ``(B, d)`` input.
+        ``aux_input_grad``: the auxiliary logits carry the gradient to ``aux_input``'s own parameters
+        (otherwise they are held fixed)."""
         head_input = with_features or (self.aux_head is not None and with_aux)
         if not head_input:
             return cast(Tensor, self.model(x)), None
@@ -74,7 +87,10 @@ class MultiTaskNet(nn.Module):
                 f"the head {self.head_name!r} ran {len(captured)} times in one forward pass; "
                 "auxlab reads its input and needs it to run exactly once"
             )
-        aux = self.aux_head(captured[0]) if self.aux_head is not None and with_aux else None
+        aux = None
+        if self.aux_head is not None and with_aux:
+            aux_features = captured[0] if self.aux_input is None else self.aux_input(captured[0], aux_input_grad)
+            aux = self.aux_head(aux_features)
         return (primary, aux, captured[0]) if with_features else (primary, aux)
 
 

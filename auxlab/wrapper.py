@@ -127,7 +127,7 @@ class MetaAuxWrapper(nn.Module):
             self.aux_head: nn.Linear | None = None if self.generator is None else _build.new_aux_head(model, self.head_name, self.mask.num_aux_classes)
         self.weighting: AuxWeighting = _build.build_weighting(weighting, weighting_kwargs, model=model, head_name=self.head_name, device=device)
         self._net: MultiTaskNet  # a view sharing model and aux_head, outside the module tree (nothing registered twice)
-        object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head))
+        object.__setattr__(self, "_net", MultiTaskNet(model, self.head_name, self.aux_head, _build.aux_input(self.generator)))
         self.virtual_params: frozenset[str] | None = _build.select_virtual_params(virtual_params, {n: p for n, p in self._net.named_parameters() if p.requires_grad})
         self._reducer: LocalReducer = _build.build_reducer(distributed)
         _build.check_strategy(self.generator, self.weighting, self._reducer)

@@ -99,12 +99,35 @@ def test_neumann_terms_converge_to_the_exact_implicit_hypergradient() -> None:
     assert errors[0] > 0.9 and errors[-1] < 1e-6, errors  # measured: 1.0, 0.44, 0.0047, 2e-10
 
 
+def test_conjugate_gradient_converges_in_fewer_products_than_the_neumann_series() -> None:
+    problem, _ = _solved_problem()
+    exact, largest = _exact_target_gradient(problem)
+    errors = {}
+    for iterations in (0, 10, 40, 150):
+        got = torch.autograd.grad(ImplicitEngine(terms=iterations, step=1.9 / largest, solver="cg")(problem), problem.targets)[0]
+        errors[iterations] = float((got - exact).norm() / exact.norm())
+    neumann = torch.autograd.grad(ImplicitEngine(terms=300, step=1.9 / largest)(problem), problem.targets)[0]
+    neumann_error = float((neumann - exact).norm() / exact.norm())
+    assert all(later <= earlier for earlier, later in itertools.pairwise(errors.values())), errors
+    assert errors[0] > 0.9 and errors[150] < 1e-6, errors  # measured: 1.0, 0.17, 4.8e-8, 4.8e-8 (stopped at its tolerance)
+    assert errors[40] < neumann_error, (errors, neumann_error)  # 41 products against 300
+
+
+def test_conjugate_gradient_with_no_step_is_the_one_step_hypergradient() -> None:
+    x, y = batch(9, num_classes=NUM_CLASSES, dtype=torch.float64)
+    jvp = engine_hypergradient(make_wrapper(TinyBNNet, "jvp"), x, y)
+    cg = engine_hypergradient(make_wrapper(TinyBNNet, ImplicitEngine(terms=0, solver="cg")), x, y)  # type: ignore[arg-type]
+    assert max_difference(jvp, cg) == 0.0
+
+
 def test_the_default_engine_is_registered_and_arguments_are_checked() -> None:
     assert isinstance(ENGINES["implicit"], ImplicitEngine) and ENGINES["implicit"].terms == 3 and not ENGINES["implicit"].exact
     with pytest.raises(ValueError, match="terms must be an integer >= 0, got -1"):
         ImplicitEngine(terms=-1)
     with pytest.raises(ValueError, match="step must be > 0, got 0.0"):
         ImplicitEngine(step=0.0)
+    with pytest.raises(ValueError, match="solver='lu' is not known; choose 'neumann'"):
+        ImplicitEngine(solver="lu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="distributed training needs engine='jvp' or 'finite_difference', got engine='implicit'"):
         MetaAuxWrapper(TinyBNNet(), num_classes=NUM_CLASSES, psi=PSI, engine="implicit", distributed=True)
 

@@ -12,9 +12,11 @@ registered under a name that ``MetaAuxWrapper(generator="name")`` accepts.
 | ``"human"`` | :class:`~auxlab.generators.human.HumanLabels` | fixed, the dataset's fine labels |
 | ``"rl"`` | :class:`~auxlab.generators.rl_labels.PolicyLabels` | sampled by a policy on the classifier's features, trained by REINFORCE |
 | ``"sla"`` | :class:`~auxlab.generators.sla.SLALabels` | fixed, (class, transformation) of rotated copies |
+| ``"dtg"`` | :class:`~auxlab.generators.dtg.JointDataTaskGenerator` | meta-learned with generated auxiliary data (DTG-AuxL) |
 """
 
 from auxlab.generators.base import GENERATORS, AuxLabelGenerator
+from auxlab.generators.dtg import JointDataTaskGenerator
 from auxlab.generators.human import HumanLabels
 from auxlab.generators.kmeans import KMeansLabels
 from auxlab.generators.maxl import BalancedLightMAXLGenerator, BalancedMAXLGenerator, LightMAXLGenerator, MAXLGenerator
@@ -23,5 +25,5 @@ from auxlab.generators.rl_labels import PolicyLabels
 from auxlab.generators.sla import SLALabels
 
 __all__ = [
-    "GENERATORS", "AuxLabelGenerator", "BalancedLightMAXLGenerator", "BalancedMAXLGenerator", "HumanLabels", "KMeansLabels",
+    "GENERATORS", "AuxLabelGenerator", "BalancedLightMAXLGenerator", "BalancedMAXLGenerator", "HumanLabels", "JointDataTaskGenerator", "KMeansLabels",
     "LightMAXLGenerator", "MAXLGenerator", "PolicyLabels", "RandomLabels", "SLALabels"]

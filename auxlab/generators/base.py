@@ -43,6 +43,8 @@ class AuxLabelGenerator(nn.Module):
     - ``reads_features``: ``forward`` reads the classifier's head input instead of ``x``.
     - ``augments``: the auxiliary task is posed on transformed copies of the batch (SLA):
       the wrapper calls :meth:`augment` and trains the auxiliary head on its result.
+    - ``generates_features``: the auxiliary head reads generated data made from the classifier's
+      features by :meth:`auxiliary_features` (DTG-AuxL) instead of the features themselves.
     - ``learner``: the class that learns the trainable parameters in the meta step
       (:mod:`auxlab.learners`): :class:`~auxlab.learners.hypergradient.HypergradientLearner`
       (MAXL's hypergradient; the default) or
@@ -66,6 +68,8 @@ class AuxLabelGenerator(nn.Module):
     reads_features: ClassVar[bool] = False
     #: Whether the auxiliary head trains on :meth:`augment`'s transformed copies of the batch.
     augments: ClassVar[bool] = False
+    #: Whether the auxiliary head reads :meth:`auxiliary_features` of the classifier's features.
+    generates_features: ClassVar[bool] = False
     #: What learns the strategy's trainable parameters (if it has any) in the meta step.
     learner: ClassVar[type[MetaLearner]] = HypergradientLearner
 
@@ -147,6 +151,13 @@ class AuxLabelGenerator(nn.Module):
         unchanged.
         """
         return x, y
+
+    def auxiliary_features(self, features: Tensor, differentiable: bool = False) -> Tensor:
+        """For ``generates_features`` strategies: the ``(B, d')`` data the auxiliary head reads, generated from
+        ``features``, the ``(B, d)`` input of the classifier's primary head (with its gradient to the
+        classifier). ``differentiable``: keep the gradient to the strategy's own parameters (the meta step
+        needs it; the model step holds them fixed). The default returns ``features``."""
+        return features
 
     def aggregate(self, aux: Tensor) -> Tensor:
         """For ``augments`` strategies: ``(B, C)`` class scores from the auxiliary head's logits on

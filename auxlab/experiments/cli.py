@@ -94,7 +94,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or program_name()
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Compare auxiliary-label strategies (single task, random, k-means, human, MAXL, SLA, RL labels, each fixed one "
+        description="Compare auxiliary-label strategies (single task, random, k-means, human, MAXL, SLA, RL labels, DTG-AuxL, each fixed one "
         "optionally with a weighting of the auxiliary loss: gcs, uncertainty, maoal) on one dataset and model, over several seeds: "
         "per-epoch metrics, a summary table of final test accuracy and plots.",
         epilog=f"Example: {prog} --dataset digits --strategies single,maxl --seeds 0,1,2 --epochs 10 --out runs/",

@@ -97,9 +97,10 @@ class ExperimentConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
         'extra keyword arguments for the model, as a JSON object, e.g. \'{"width": 16}\''))
     strategies: tuple[str, ...] = field(default=("single", "random", "kmeans", "maxl"), metadata=_help(
-        "comma-separated strategies to compare, each generator[+weighting]: a generator single, random, kmeans, human (needs fine "
-        "labels: --task coarse), maxl, maxl-light, sla, rl or any registered name, optionally + a weighting of the auxiliary loss "
-        "(constant, gcs, uncertainty, maoal) for a generator whose labels do not learn, e.g. kmeans+gcs"))
+        "comma-separated strategies to compare, each generator[+weighting]: a generator single (STL), random, kmeans, human (needs "
+        "fine labels: --task coarse; with the constant weight 1 it is the Equal baseline), maxl, maxl-light, sla, rl, dtg (DTG-AuxL: "
+        "generated auxiliary data and labels; --engine implicit for its implicit gradient) or any registered name, optionally + a "
+        "weighting of the auxiliary loss (constant, gcs, uncertainty, maoal) for a generator whose labels do not learn, e.g. kmeans+gcs"))
     weighting_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
         'keyword arguments of each weighting, as a JSON object of weighting name -> object, e.g. \'{"gcs": {"mode": "scale"}}\'; '
         "a weighting not named gets its defaults"))

@@ -36,9 +36,11 @@ class JointHypergradientLearner(MetaLearner):
     regularisation (:meth:`~auxlab.generators.dtg.JointDataTaskGenerator.instance_loss`).
 
     :meth:`fused_step` shares the forward pass and the gradient at theta with the model step. One process
-    only, without a loss scaler.
+    only, without a loss scaler. The upper level's primary loss is best taken on held-out data (a
+    development split, as in AuxiLearn's and DTG-AuxL's bi-level problems): ``held_out_meta_batch``.
     """
 
+    held_out_meta_batch = True
     why_not_distributed = " (the mixed second derivative is not averaged over the ranks)"
     loss_scaling = False
 

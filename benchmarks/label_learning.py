@@ -34,14 +34,14 @@ import torch
 from auxlab.diagnostics import total_variation
 
 
-def _records(folder: Path) -> list[dict[str, Any]]:
+def records(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _final(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+def final_epochs(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
     """The last epoch's record of each (strategy, seed)."""
     last: dict[tuple[str, int], dict[str, Any]] = {}
-    for record in records:
+    for record in rows:
         key = (record["strategy"], record["seed"])
         if key not in last or record["epoch"] > last[key]["epoch"]:
             last[key] = record
@@ -78,9 +78,9 @@ def _gain(final: dict[tuple[str, int], dict[str, Any]], strategy: str, baseline:
 def compare(run: Path, control: Path, baselines: Path | None = None) -> tuple[str, dict[str, Any]]:
     """The Markdown report, and the per-epoch curves for the plot. ``baselines``: another experiment of
     the same task and seeds whose strategies the run lacks (e.g. ``single`` and ``human``)."""
-    run_final, control_final = _final(_records(run)), _final(_records(control))
+    run_final, control_final = final_epochs(records(run)), final_epochs(records(control))
     if baselines is not None:
-        extra = _final(_records(baselines))
+        extra = final_epochs(records(baselines))
         run_final = {**{k: v for k, v in extra.items() if k[0] not in {s for s, _ in run_final}}, **run_final}
     # the strategies whose labels learn (a generator that moves), run in both
     learnt = sorted({s for (s, _), r in control_final.items() if r.get("generator_movement") is not None} & {s for s, _ in run_final})
@@ -125,7 +125,7 @@ def compare(run: Path, control: Path, baselines: Path | None = None) -> tuple[st
         lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {_cell(distances, digits=3)} |")
         for name, folder in (("run", run), ("control", control)):
             by_epoch: dict[int, list[dict[str, Any]]] = {}
-            for record in _records(folder):
+            for record in records(folder):
                 if record["strategy"] == strategy and record["seed"] in both:
                     by_epoch.setdefault(record["epoch"], []).append(record)
             curves[f"{strategy} {name}"] = {

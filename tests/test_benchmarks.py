@@ -7,6 +7,7 @@ that opens them (``torch.profiler.record_function`` in the library) records; the
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -291,6 +292,34 @@ def test_label_learning_compares_a_run_with_its_control(tmp_path: Path) -> None:
     assert set(curves) == {"maxl-light-balanced run", "maxl-light-balanced control"}
     label_learning.plot(curves, tmp_path / "curves.png", title="test")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_auxiliary_scenarios_tabulates_methods_under_both_scenarios(tmp_path: Path) -> None:
+    from benchmarks import auxiliary_scenarios
+
+    def run(name: str, accuracies: dict[str, list[float]]) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [json.dumps({"strategy": strategy, "seed": seed, "epoch": epoch, "test_acc": acc if epoch == 2 else 0.1})
+                 for strategy, accs in accuracies.items() for seed, acc in enumerate(accs) for epoch in (1, 2)]
+        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    run("helpful", {"single": [0.90, 0.92, 0.91], "human": [0.93, 0.94, 0.95]})
+    run("unhelpful", {"random": [0.80, 0.81, 0.82]})
+    cost = tmp_path / "cost.md"
+    cost.write_text("| variant | median ms | ratio to single-task |\n|---|---:|---:|\n| wrapper.step [random] | 9.0 | 1.25 |\n")
+    rows = [auxiliary_scenarios.parse_row("STL=helpful/single"),
+            auxiliary_scenarios.parse_row("Equal=helpful/human|unhelpful/random~wrapper.step [random]"),
+            auxiliary_scenarios.parse_row("Other=-|unhelpful/random")]
+    text = auxiliary_scenarios.table(tmp_path, rows, "STL", cost)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert lines["STL (reads no manual task: the same runs)"].count("91.00 ± 0.58") == 2
+    assert "94.00 ± 0.58 | +3.00 ± 0.82 (> 2 s.e.) | 81.00 ± 0.58 | -10.00 ± 0.82 (> 2 s.e.) | 3 | 1.25x |" in lines["Equal"]
+    assert "not run" in lines["Other"]
+    with pytest.raises(ValueError, match="RUN/STRATEGY"):
+        auxiliary_scenarios.parse_row("Bad=helpful")
+    with pytest.raises(ValueError, match="no finished seed of strategy 'maxl'"):
+        auxiliary_scenarios.table(tmp_path, [auxiliary_scenarios.parse_row("STL=helpful/maxl")], "STL", None)
 
 
 def test_hypergradient_equivalence_of_a_checkout_with_itself_is_exact() -> None:

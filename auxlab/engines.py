@@ -43,9 +43,9 @@ from auxlab.multitask import MultiTaskNet, buffer_copies
 from auxlab.scaling import LossScaling
 
 __all__ = [
-    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "FirstOrderPass", "GradientsAtTheta", "ImplicitEngine", "LinearisedEngine", "MetaProblem", "SharedStep",
+    "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "FirstOrderPass", "GradientField", "GradientsAtTheta", "ImplicitEngine", "LinearisedEngine", "MetaProblem", "SharedStep",
     "conjugate_gradient_direction", "first_order_pass", "get_engine", "gradient_at_theta", "gradients_at_theta", "hessian_operator",
-    "linearised_step", "meta_loss_after", "neumann_direction", "one_step", "separate_gradients", "virtual_step",
+    "linearised_step", "meta_gradient", "meta_loss_after", "neumann_direction", "one_step", "separate_gradients", "training_gradient", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -249,6 +249,21 @@ class SharedStep:
 Direction = Callable[[MetaProblem, dict[str, Tensor], dict[str, Tensor]], tuple[dict[str, Tensor], float]]
 
 
+#: ``(problem, leaves) -> G``: the lower level's update direction at the virtual parameters ``leaves`` (by name,
+#: requiring grad), with its graph to them, one entry per leaf (None where it does not reach one). Its
+#: Jacobian takes the place of the Hessian in the implicit gradient. Default: :func:`training_gradient`.
+GradientField = Callable[[MetaProblem, dict[str, Tensor]], Sequence[Tensor | None]]
+
+
+def training_gradient(problem: MetaProblem, leaves: dict[str, Tensor]) -> Sequence[Tensor | None]:
+    """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at ``leaves`` (the others at theta), the targets held
+    fixed, with its graph: the field whose Jacobian is the training loss's Hessian."""
+    every = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+    primary, aux = functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
+    inner = problem.inner_loss(primary, aux, problem.targets.detach())
+    return torch.autograd.grad(inner, list(leaves.values()), create_graph=True, allow_unused=True)
+
+
 def one_step(problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
     """The one-step hypergradient's direction: ``u`` itself, scaled by ``inner_lr``."""
     return u, problem.inner_lr
@@ -303,18 +318,22 @@ def first_order_pass(problem: MetaProblem, *, at_theta: tuple[Tensor, Tensor, di
         problem.reducer.average_([primary_loss, aux_loss, *(g for g in gradients if g is not None)])
         grads: dict[str, Tensor | None] = dict(zip(every, gradients))
         params = {name: p.detach() for name, p in virtual.items()}
-        moved = {
-            name: p.requires_grad_()
-            for name, p in virtual_step(params, [grads[name] for name in params], problem.inner_lr).items()
-        }
-        primary_meta, _ = functional_call(problem.net, (moved, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
-        meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
-        u_list = problem.scaling.grad(meta_loss, list(moved.values()), label="auxlab.gradient.meta_loss")
-    u = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), u_list)}
-    meta_loss = meta_loss.detach()
+    meta_loss, u = meta_gradient(problem, virtual_step(params, [grads[name] for name in params], problem.inner_lr))
     # u of the mean meta loss; each rank's targets carry 1/R of the batch
     problem.reducer.average_([meta_loss, *u.values()])
     return FirstOrderPass(primary.detach(), primary_loss, aux_loss, grads, step_buffers, params, u, meta_loss)
+
+
+def meta_gradient(problem: MetaProblem, moved: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``L_pri(f_theta'(x_meta), y_meta)`` at the virtual parameters ``moved`` (theta' by name; the others at
+    theta) and its gradient ``u`` for each of them (zero where it does not reach one), both detached; the
+    gradient through ``problem.scaling``, no buffer of the network moved."""
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_() for name, p in moved.items()}
+        primary_meta, _ = functional_call(problem.net, (leaves, problem.buffer_copies()), (problem.x_meta,), {"with_aux": False})
+        meta_loss = problem.primary_loss(primary_meta, problem.y_meta)
+        u_list = problem.scaling.grad(meta_loss, list(leaves.values()), label="auxlab.gradient.meta_loss")
+    return meta_loss.detach(), {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(leaves.items(), u_list)}
 
 
 def linearised_step(
@@ -449,9 +468,12 @@ class LinearisedEngine(Engine):
         self.derivative = derivative
         self.exact = exact
 
-    def direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    def direction(
+        self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor], field: GradientField = training_gradient
+    ) -> tuple[dict[str, Tensor], float]:
         """``(p, scale)``: the hypergradient's horizon, ``scale * p`` standing for the parameters' response to the
-        targets along ``u``; the one-step hypergradient's ``(u, inner_lr)`` here (:func:`one_step`)."""
+        targets along ``u``; the one-step hypergradient's ``(u, inner_lr)`` here (:func:`one_step`). ``field``:
+        the lower level's update direction, for an engine that looks further than one step."""
         return one_step(problem, params, u)
 
     def meta_loss(self, problem: MetaProblem) -> Tensor:
@@ -463,19 +485,16 @@ class LinearisedEngine(Engine):
 
 HessianVectorProduct = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
-
-def hessian_operator(problem: MetaProblem, params: dict[str, Tensor]) -> HessianVectorProduct:
-    """``v -> H v``, ``H`` the Hessian of ``L_pri + aux_weight * L_aux`` on ``(x, y)`` at theta over the virtual
-    parameters ``params``, the targets held fixed: one forward pass and a gradient with its graph now, then
-    one double backward per product (results detached). Call it with gradients enabled."""
+def hessian_operator(problem: MetaProblem, params: dict[str, Tensor], field: GradientField = training_gradient) -> HessianVectorProduct:
+    """``v -> J^T v``, ``J`` the Jacobian of the lower level's update direction ``field`` over the virtual
+    parameters ``params`` at theta (by default the training loss's gradient, whose Jacobian is its Hessian
+    ``H = H^T``), the targets held fixed: one forward pass and the field with its graph now, then one
+    double backward per product (results detached). Call it with gradients enabled."""
     leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-    every = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
-    primary, aux = functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
-    inner = problem.inner_loss(primary, aux, problem.targets.detach())
-    grads = torch.autograd.grad(inner, list(leaves.values()), create_graph=True, allow_unused=True)
+    grads = field(problem, leaves)
 
     def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        dot = sum(((g * v[name]).sum() for name, g in zip(leaves, grads) if g is not None), inner.new_zeros(()))
+        dot = sum(((g * v[name]).sum() for name, g in zip(leaves, grads) if g is not None), problem.x.new_zeros((), dtype=next(iter(v.values())).dtype))
         if not dot.requires_grad:  # no parameter of the virtual step reaches the loss
             return {name: torch.zeros_like(t) for name, t in v.items()}
         hessian_term = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True, allow_unused=True)
@@ -488,7 +507,9 @@ def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     return cast(Tensor, sum((a[name] * b[name]).sum() for name in a))
 
 
-def neumann_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, terms: int, step: float) -> dict[str, Tensor]:
+def neumann_direction(
+    problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, terms: int, step: float, field: GradientField = training_gradient
+) -> dict[str, Tensor]:
     """``p = sum_{j=0..terms} (I - step * H)^j v``, so that ``step * p`` approximates ``H^-1 v`` (a truncated
     Neumann series), ``H`` the Hessian of ``L_pri + aux_weight * L_aux`` on ``(x, y)`` at theta over the
     virtual parameters, the targets held fixed.
@@ -497,11 +518,12 @@ def neumann_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[s
     per term (:func:`hessian_operator`); nothing of the series is kept but the running term and sum, so
     memory does not grow with ``terms``. The series converges when ``step`` is below ``2 / lambda_max(H)``
     and ``H`` is positive definite on ``v``'s span; truncated, it is the usual approximation (AuxiLearn's).
+    With another ``field`` (a weighting's reweighted gradient), ``H`` is that field's Jacobian, transposed.
     """
     if terms == 0:
         return v
     with torch.enable_grad(), record_function("auxlab.gradient.neumann"):
-        hessian = hessian_operator(problem, params)
+        hessian = hessian_operator(problem, params, field)
         term, total = dict(v), dict(v)
         for _ in range(terms):
             product = hessian(term)
@@ -510,7 +532,9 @@ def neumann_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[s
     return total
 
 
-def conjugate_gradient_direction(problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, iterations: int, start: float) -> dict[str, Tensor]:
+def conjugate_gradient_direction(
+    problem: MetaProblem, params: dict[str, Tensor], v: dict[str, Tensor], *, iterations: int, start: float, field: GradientField = training_gradient
+) -> dict[str, Tensor]:
     """``p ~ H^-1 v`` by ``iterations`` steps of conjugate gradient from ``start * v`` (so that with none it is
     the one-step hypergradient's ``inner_lr * v`` when ``start`` is ``inner_lr``), ``H`` as in
     :func:`neumann_direction`; one Hessian-vector product per step and one for the first residual.
@@ -523,7 +547,7 @@ def conjugate_gradient_direction(problem: MetaProblem, params: dict[str, Tensor]
     if iterations == 0:
         return p
     with torch.enable_grad(), record_function("auxlab.gradient.conjugate_gradient"):
-        hessian = hessian_operator(problem, params)
+        hessian = hessian_operator(problem, params, field)
         product = hessian(p)
         residual = {name: v[name] - product[name] for name in v}
         search, rr = dict(residual), _dot(residual, residual)
@@ -582,13 +606,15 @@ class ImplicitEngine(LinearisedEngine):
             raise ValueError(f"solver={solver!r} is not known; choose 'neumann' (a truncated Neumann series) or 'cg' (conjugate gradient)")
         self.solver: Literal["neumann", "cg"] = solver
 
-    def direction(self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    def direction(
+        self, problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor], field: GradientField = training_gradient
+    ) -> tuple[dict[str, Tensor], float]:
         """``(p, scale)`` with ``scale * p ~ H^-1 u``: the truncated Neumann series (``scale`` its step) or
-        conjugate gradient (``scale`` 1)."""
+        conjugate gradient (``scale`` 1); ``H`` the Jacobian of ``field`` (by default the training loss's Hessian)."""
         step = problem.inner_lr if self.step is None else float(self.step)
         if self.solver == "cg":
-            return conjugate_gradient_direction(problem, params, u, iterations=self.terms, start=step), 1.0
-        return neumann_direction(problem, params, u, terms=self.terms, step=step), step
+            return conjugate_gradient_direction(problem, params, u, iterations=self.terms, start=step, field=field), 1.0
+        return neumann_direction(problem, params, u, terms=self.terms, step=step, field=field), step
 
     def __repr__(self) -> str:
         return f"ImplicitEngine(terms={self.terms}, step={self.step}, solver={self.solver!r}, name={self.name!r})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -327,3 +328,86 @@ def test_maoal_step_shares_its_work_and_equals_loss_meta_step_backward() -> None
     for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
         if isinstance(a, Tensor):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def _flat_field(wrapper: MetaAuxWrapper, weights: Tensor, x: Tensor, y: Tensor) -> tuple[list[str], list[torch.Size], Tensor, Callable[[Tensor], Tensor]]:
+    """MAOAL's reweighted update direction ``G(theta) = g_pri + scale * g_aux`` as a function of the flattened
+    parameters (the weights fixed), for a dense reference."""
+    net = multitask(wrapper)
+    named = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    names, shapes = list(named), [p.shape for p in named.values()]
+    flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
+    targets = wrapper.aux_targets(x, y)
+
+    def unflatten(vector: Tensor) -> dict[str, Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            out[name] = vector[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return out
+
+    def field(vector: Tensor) -> Tensor:
+        params = unflatten(vector)
+        primary, aux = torch.func.functional_call(net, params, (x,))
+        l_pri = nn.functional.cross_entropy(primary, y)
+        l_aux = -(targets * torch.log_softmax(aux, 1)).sum(1).mean()
+        g_pri = torch.autograd.grad(l_pri, list(params.values()), create_graph=True, allow_unused=True)
+        g_aux = torch.autograd.grad(l_aux, list(params.values()), create_graph=True, allow_unused=True)
+        parts = []
+        for name, gp, ga, p in zip(names, g_pri, g_aux, params.values()):
+            scale = weights[0] if name.startswith("model.hidden.") else 1.0
+            parts.append((gp if gp is not None else torch.zeros_like(p)) + scale * wrapper.aux_weight * (ga if ga is not None else torch.zeros_like(p)))
+        return torch.cat([t.reshape(-1) for t in parts])
+
+    return names, shapes, flat, field
+
+
+@pytest.mark.parametrize("terms", [0, 4])
+def test_maoal_with_the_implicit_engine_follows_the_neumann_series_of_its_reweighted_jacobian(terms: int) -> None:
+    from auxlab.engines import ImplicitEngine
+
+    inner_lr = 0.3
+    wrapper = make("maoal", weighting_optimizer=lambda params: torch.optim.SGD(params, lr=1.0), inner_lr=inner_lr, engine=ImplicitEngine(terms=terms))
+    assert isinstance(wrapper.weighting, ModuleWeighting)
+    with torch.no_grad():
+        wrapper.weighting.weights.fill_(0.3)  # not 1: the reweighted field is then not the training loss's gradient
+    x, y = batch(10, dtype=torch.float64)
+    x_meta, y_meta = batch(10, seed=5, dtype=torch.float64)
+    w = wrapper.weighting.weights.detach().clone()
+    names, shapes, flat, field = _flat_field(wrapper, w, x, y)
+    moved_flat = flat - inner_lr * field(flat.requires_grad_()).detach()
+    offsets = torch.cumsum(torch.tensor([0, *[s.numel() for s in shapes]]), 0)
+
+    def meta(vector: Tensor) -> Tensor:
+        params = {n: vector[int(a) : int(b)].view(s) for n, s, a, b in zip(names, shapes, offsets[:-1], offsets[1:])}
+        primary, _ = torch.func.functional_call(multitask(wrapper), params, (x_meta,), {"with_aux": False})
+        return nn.functional.cross_entropy(primary, y_meta)
+
+    u = torch.func.grad(meta)(moved_flat.detach())
+    jacobian = torch.autograd.functional.jacobian(field, flat.detach())  # J[i, j] = dG_i / dtheta_j
+    term, p = u.clone(), u.clone()
+    for _ in range(terms):
+        term = term - inner_lr * (jacobian.T @ term)
+        p = p + term
+    weights = w.clone().requires_grad_()  # d/dw [G(theta, w) . p]: G depends on w through the hidden layer's scale
+    grad_w = torch.autograd.grad((_flat_field(wrapper, weights, x, y)[3](flat.detach().requires_grad_()) * p).sum(), weights)[0]
+    expected = -inner_lr * grad_w
+    wrapper.meta_step(x, y, x_meta, y_meta)
+    torch.testing.assert_close(w - wrapper.weighting.weights.detach(), expected, rtol=1e-8, atol=1e-12)
+    if terms == 0:  # the one-step path gives the same update
+        one_step = make("maoal", weighting_optimizer=lambda params: torch.optim.SGD(params, lr=1.0), inner_lr=inner_lr)
+        with torch.no_grad():
+            one_step.weighting.weights.fill_(0.3)
+        one_step.meta_step(x, y, x_meta, y_meta)
+        torch.testing.assert_close(one_step.weighting.weights, wrapper.weighting.weights, rtol=1e-10, atol=1e-14)
+
+
+def test_maoal_refuses_conjugate_gradient_and_a_scaler_with_the_implicit_engine() -> None:
+    from auxlab.engines import ImplicitEngine
+
+    with pytest.raises(ValueError, match="conjugate gradient needs a symmetric Hessian"):
+        make("maoal", engine=ImplicitEngine(solver="cg"))
+    wrapper = make("maoal", engine="implicit")
+    x, y = batch(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="scaler= is not supported by weighting='maoal' with engine='implicit'"):
+        wrapper.step(x, y, torch.optim.SGD(wrapper.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu"))

@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from auxlab._gradients import Scale, combined_gradients, detached
-from auxlab.engines import GradientsAtTheta, MetaProblem, gradients_at_theta, meta_loss_after
+from auxlab.engines import (
+    GradientsAtTheta,
+    ImplicitEngine,
+    MetaProblem,
+    gradients_at_theta,
+    meta_gradient,
+    meta_loss_after,
+    virtual_step,
+)
 from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep
 
 if TYPE_CHECKING:
@@ -28,6 +36,12 @@ class GradientScaleLearner(MetaLearner):
     linear in the scales, so the hypergradient is exact with first-order gradients only. After each
     update it calls the owner's ``after_meta_step()`` (e.g. to clip the weights).
 
+    With ``engine="implicit"`` (an :class:`~auxlab.engines.ImplicitEngine` with the Neumann series) the
+    horizon is longer: the hypergradient is ``-scale * d/dw [G(theta, w) . p]`` with
+    ``G = g_pri + aux_weight * scale(w) * g_aux`` the reweighted update direction and ``scale * p`` the
+    Neumann series for ``J^-T u``, ``J`` the Jacobian of ``G`` over theta (not symmetric: the weights
+    differ between modules, so conjugate gradient is refused). With no extra term it is the one-step result.
+
     :meth:`fused_step` shares one forward pass and the two gradients at theta between the model
     step (with the scales before their update) and the hypergradient.
     """
@@ -39,6 +53,20 @@ class GradientScaleLearner(MetaLearner):
     def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """Adam, lr 1e-3."""
         return torch.optim.Adam(params, lr=1e-3)
+
+    def check(self, ctx: StepContext) -> None:
+        """Also refuse conjugate gradient, which needs a symmetric Jacobian, and a loss scaler with the implicit engine."""
+        super().check(ctx)
+        if isinstance(ctx.engine, ImplicitEngine) and ctx.engine.solver == "cg":
+            raise ValueError(
+                f"{self.who(ctx)} with engine=ImplicitEngine(solver='cg'): conjugate gradient needs a symmetric Hessian, and the "
+                "module weights make the lower level's Jacobian non-symmetric; use solver='neumann'"
+            )
+
+    def check_scaling(self, ctx: StepContext) -> None:
+        """A loss scaler works with the one-step hypergradient only."""
+        if isinstance(ctx.engine, ImplicitEngine):
+            raise ValueError(f"scaler= is not supported by {self.who(ctx)} with engine={ctx.engine.name!r}")  # noqa: TRY004 - a refused setup
 
     def update(self, ctx: StepContext, batch: Batch) -> MetaUpdate | None:
         problem, at_theta = self._at_theta(ctx, batch)
@@ -72,7 +100,27 @@ class GradientScaleLearner(MetaLearner):
         return cast(dict[str, Scale], cast(Any, self.owner).gradient_scales(at_theta.primary_grads, at_theta.aux_grads))
 
     def _hypergradient(self, ctx: StepContext, problem: MetaProblem, at_theta: GradientsAtTheta, scales: Mapping[str, Scale]) -> MetaUpdate | None:
-        """The exact hypergradient of the scales' parameters: ``theta'`` is linear in the scales."""
+        """The exact one-step hypergradient of the scales' parameters (``theta'`` is linear in the scales), or the
+        implicit engine's."""
         direction = combined_gradients(at_theta.primary_grads, at_theta.aux_grads, ctx.aux_weight, scales, problem.parameters())
-        meta_primary: Tensor = meta_loss_after(problem, {name: g for name, g in direction.items() if g is not None})
-        return self.gradient(ctx, meta_primary, {"primary loss at theta'": meta_primary})
+        step = {name: g for name, g in direction.items() if g is not None}
+        if not isinstance(ctx.engine, ImplicitEngine):
+            meta_primary: Tensor = meta_loss_after(problem, step)
+            return self.gradient(ctx, meta_primary, {"primary loss at theta'": meta_primary})
+        params = {name: p.detach() for name, p in problem.parameters().items()}
+        meta_loss, u = meta_gradient(problem, virtual_step(params, [None if g is None else g.detach() for g in direction.values()], problem.inner_lr))
+        fixed = detached(scales)
+
+        def reweighted(problem: MetaProblem, leaves: dict[str, Tensor]) -> list[Tensor | None]:
+            """``g_pri + aux_weight * scale * g_aux`` at ``leaves``, the scales held fixed, with its graph."""
+            every = {name: q for name, q in problem.net.named_parameters() if q.requires_grad}
+            primary, aux = torch.func.functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
+            primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
+            g_pri = torch.autograd.grad(primary_loss, list(leaves.values()), create_graph=True, retain_graph=True, allow_unused=True)
+            g_aux = torch.autograd.grad(aux_loss, list(leaves.values()), create_graph=True, allow_unused=True)
+            return list(combined_gradients(dict(zip(leaves, g_pri)), dict(zip(leaves, g_aux)), problem.aux_weight, fixed, leaves).values())
+
+        p, scale = ctx.engine.direction(problem, params, u, field=reweighted)
+        hyper = -scale * sum(((g * p[name]).sum() for name, g in step.items()), meta_loss.new_zeros(()))
+        surrogate = meta_loss + (hyper - hyper.detach())  # value: the primary loss at theta'; gradient: the implicit one
+        return self.gradient(ctx, surrogate, {"primary loss at theta'": surrogate})

@@ -74,6 +74,8 @@ class MetaLearner:
         reweighting: whether it works with a weighting that changes the model step's loss (else it
             needs the constant rule, ``L_pri + aux_weight * L_aux``, whose virtual step it assumes).
         augmenting: whether it works with a strategy that augments the batch.
+        generating: whether it learns a strategy that ``generates_features`` (the auxiliary head's data),
+            differentiating through that data as well as through the targets.
         held_out_meta_batch: whether its meta batch should come from held-out data (a runner then
             carves a development split).
         default_optimizer: the optimizer when the wrapper is given none.
@@ -88,6 +90,7 @@ class MetaLearner:
     loss_scaling: ClassVar[bool] = True
     reweighting: ClassVar[bool] = False
     augmenting: ClassVar[bool] = False
+    generating: ClassVar[bool] = False
     held_out_meta_batch: ClassVar[bool] = False
     #: Said after "distributed training does not support ..." when ``distributed`` is False.
     why_not_distributed: ClassVar[str] = ""
@@ -116,6 +119,11 @@ class MetaLearner:
             )
         if not self.augmenting and ctx.generator is not None and ctx.generator.augments:
             raise ValueError(f"{who} does not support a strategy that augments the batch (generator={strategy_name(ctx.generator)!r})")
+        if not self.generating and self.owner is ctx.generator and ctx.generator.generates_features:
+            raise ValueError(
+                f"{who} learns a strategy that generates the auxiliary head's data with {type(self).__name__}, whose hypergradient "
+                "reaches it through the targets only; give the strategy a learner that declares generating (JointHypergradientLearner)"
+            )
 
     def check_scaling(self, ctx: StepContext) -> None:
         """Refuse a loss scaler (``step(..., scaler=...)``) if the learner cannot take one."""

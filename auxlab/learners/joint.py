@@ -41,6 +41,7 @@ class JointHypergradientLearner(MetaLearner):
     """
 
     held_out_meta_batch = True
+    generating = True
     why_not_distributed = " (the mixed second derivative is not averaged over the ranks)"
     loss_scaling = False
 

@@ -176,3 +176,14 @@ def test_features_of_the_wrong_width_are_refused() -> None:
     assert isinstance(generator, JointDataTaskGenerator)
     with pytest.raises(ValueError, match=r"\(B, 5\)"):
         generator(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+
+
+def test_a_learner_that_does_not_differentiate_through_generated_data_is_refused() -> None:
+    from auxlab.learners import HypergradientLearner
+
+    class OneStepOnly(JointDataTaskGenerator):
+        learner = HypergradientLearner
+
+    generator = OneStepOnly(HierarchyMask([PSI] * NUM_CLASSES), model=TinyMLP(), head_name="fc")
+    with pytest.raises(ValueError, match="generates the auxiliary head's data with HypergradientLearner"):
+        MetaAuxWrapper(generator.classifier, num_classes=NUM_CLASSES, psi=PSI, generator=generator)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -92,3 +92,19 @@ def restored(registry: MutableMapping[str, Any]) -> Iterator[None]:
     finally:
         registry.clear()
         registry.update(before)
+
+
+def flattened(named: Mapping[str, Tensor]) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+    """``named``'s tensors as one detached vector, and the function that maps such a vector back to views by name
+    (for dense references: full Hessians and Jacobians over a model's parameters)."""
+    names, shapes = list(named), [t.shape for t in named.values()]
+    flat = torch.cat([t.detach().reshape(-1) for t in named.values()])
+
+    def unflatten(vector: Tensor) -> dict[str, Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            out[name] = vector[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return out
+
+    return flat, unflatten

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import TinyBNNet, batch, multitask
+from helpers import TinyBNNet, batch, flattened, multitask
 from test_engines import INNER_LR, NUM_CLASSES, PSI, engine_hypergradient, make_wrapper, max_difference
 from torch import Tensor, nn
 
@@ -58,16 +58,7 @@ def _solved_problem(num_samples: int = 100, features: int = 6, num_classes: int 
 
 def _exact_target_gradient(problem: MetaProblem) -> tuple[Tensor, float]:
     """``-d/dt [grad_theta L_train(theta*, t) . H^+ u]``, with the full Hessian; and its largest eigenvalue."""
-    names = list(problem.parameters())
-    shapes = [p.shape for p in problem.parameters().values()]
-    flat = torch.cat([p.detach().reshape(-1) for p in problem.parameters().values()])
-
-    def unflatten(vector: Tensor) -> dict[str, Tensor]:
-        out, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            out[name] = vector[offset : offset + shape.numel()].view(shape)
-            offset += shape.numel()
-        return out
+    flat, unflatten = flattened(problem.parameters())
 
     def train_loss(vector: Tensor, targets: Tensor) -> Tensor:
         primary, aux = torch.func.functional_call(problem.net, unflatten(vector), (problem.x,))

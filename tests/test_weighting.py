@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from auxlab import AuxLabelGenerator, HierarchyMask, MetaAuxWrapper
 from auxlab.engines import MetaProblem, gradients_at_theta, meta_loss_after
 from auxlab.weighting import WEIGHTINGS, AuxWeighting, GradientCosineWeighting, ModuleWeighting, UncertaintyWeighting
-from tests.helpers import TinyMLP, batch, multitask, snapshot
+from tests.helpers import TinyMLP, batch, flattened, multitask, snapshot
 
 
 class SignLabels(AuxLabelGenerator):
@@ -330,21 +330,12 @@ def test_maoal_step_shares_its_work_and_equals_loss_meta_step_backward() -> None
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)
 
 
-def _flat_field(wrapper: MetaAuxWrapper, weights: Tensor, x: Tensor, y: Tensor) -> tuple[list[str], list[torch.Size], Tensor, Callable[[Tensor], Tensor]]:
+def _flat_field(wrapper: MetaAuxWrapper, weights: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]], Callable[[Tensor], Tensor]]:
     """MAOAL's reweighted update direction ``G(theta) = g_pri + scale * g_aux`` as a function of the flattened
-    parameters (the weights fixed), for a dense reference."""
+    parameters (the weights fixed), for a dense reference: ``(theta flattened, unflatten, G)``."""
     net = multitask(wrapper)
-    named = {name: p for name, p in net.named_parameters() if p.requires_grad}
-    names, shapes = list(named), [p.shape for p in named.values()]
-    flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
+    flat, unflatten = flattened({name: p for name, p in net.named_parameters() if p.requires_grad})
     targets = wrapper.aux_targets(x, y)
-
-    def unflatten(vector: Tensor) -> dict[str, Tensor]:
-        out, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            out[name] = vector[offset : offset + shape.numel()].view(shape)
-            offset += shape.numel()
-        return out
 
     def field(vector: Tensor) -> Tensor:
         params = unflatten(vector)
@@ -354,12 +345,12 @@ def _flat_field(wrapper: MetaAuxWrapper, weights: Tensor, x: Tensor, y: Tensor) 
         g_pri = torch.autograd.grad(l_pri, list(params.values()), create_graph=True, allow_unused=True)
         g_aux = torch.autograd.grad(l_aux, list(params.values()), create_graph=True, allow_unused=True)
         parts = []
-        for name, gp, ga, p in zip(names, g_pri, g_aux, params.values()):
+        for name, gp, ga, p in zip(params, g_pri, g_aux, params.values()):
             scale = weights[0] if name.startswith("model.hidden.") else 1.0
             parts.append((gp if gp is not None else torch.zeros_like(p)) + scale * wrapper.aux_weight * (ga if ga is not None else torch.zeros_like(p)))
         return torch.cat([t.reshape(-1) for t in parts])
 
-    return names, shapes, flat, field
+    return flat, unflatten, field
 
 
 @pytest.mark.parametrize("terms", [0, 4])
@@ -374,13 +365,11 @@ def test_maoal_with_the_implicit_engine_follows_the_neumann_series_of_its_reweig
     x, y = batch(10, dtype=torch.float64)
     x_meta, y_meta = batch(10, seed=5, dtype=torch.float64)
     w = wrapper.weighting.weights.detach().clone()
-    names, shapes, flat, field = _flat_field(wrapper, w, x, y)
-    moved_flat = flat - inner_lr * field(flat.requires_grad_()).detach()
-    offsets = torch.cumsum(torch.tensor([0, *[s.numel() for s in shapes]]), 0)
+    flat, unflatten, field = _flat_field(wrapper, w, x, y)
+    moved_flat = flat - inner_lr * field(flat.clone().requires_grad_()).detach()
 
     def meta(vector: Tensor) -> Tensor:
-        params = {n: vector[int(a) : int(b)].view(s) for n, s, a, b in zip(names, shapes, offsets[:-1], offsets[1:])}
-        primary, _ = torch.func.functional_call(multitask(wrapper), params, (x_meta,), {"with_aux": False})
+        primary, _ = torch.func.functional_call(multitask(wrapper), unflatten(vector), (x_meta,), {"with_aux": False})
         return nn.functional.cross_entropy(primary, y_meta)
 
     u = torch.func.grad(meta)(moved_flat.detach())
@@ -390,7 +379,7 @@ def test_maoal_with_the_implicit_engine_follows_the_neumann_series_of_its_reweig
         term = term - inner_lr * (jacobian.T @ term)
         p = p + term
     weights = w.clone().requires_grad_()  # d/dw [G(theta, w) . p]: G depends on w through the hidden layer's scale
-    grad_w = torch.autograd.grad((_flat_field(wrapper, weights, x, y)[3](flat.detach().requires_grad_()) * p).sum(), weights)[0]
+    grad_w = torch.autograd.grad((_flat_field(wrapper, weights, x, y)[2](flat.clone().requires_grad_()) * p).sum(), weights)[0]
     expected = -inner_lr * grad_w
     wrapper.meta_step(x, y, x_meta, y_meta)
     torch.testing.assert_close(w - wrapper.weighting.weights.detach(), expected, rtol=1e-8, atol=1e-12)

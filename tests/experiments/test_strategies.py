@@ -33,7 +33,7 @@ def test_strategy_syntax() -> None:
                                                  "write generator+weighting with a weighting among constant, gcs, maoal, uncertainty")),
         (["--strategies", "single+gcs"], "strategies has 'single+gcs', but 'single' trains without an auxiliary loss"),
         (["--strategies", "kmeans+"], "strategies has 'kmeans+' with unknown weighting ''"),
-        (["--strategies", "kmeanz+gcs"], "unknown strategy 'kmeanz+gcs' (did you mean 'kmeans'?); known strategies: human, kmeans"),
+        (["--strategies", "kmeanz+gcs"], "unknown strategy 'kmeanz+gcs' (did you mean 'kmeans'?); known strategies: dtg, human, kmeans"),
         (["--strategies", "kmeans+gcs,kmeans+gcs"], "strategies lists kmeans+gcs more than once"),
         (["--dev-fraction", "0.6"], "dev_fraction must lie in (0, 0.5], got 0.6"),
         (["--dev-fraction", "0"], "dev_fraction must lie in (0, 0.5], got 0.0"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TinyBNNet, TinyMLP
@@ -187,3 +189,37 @@ def test_a_learner_that_does_not_differentiate_through_generated_data_is_refused
     generator = OneStepOnly(HierarchyMask([PSI] * NUM_CLASSES), model=TinyMLP(), head_name="fc")
     with pytest.raises(ValueError, match="generates the auxiliary head's data with HypergradientLearner"):
         MetaAuxWrapper(generator.classifier, num_classes=NUM_CLASSES, psi=PSI, generator=generator)
+
+
+def test_a_checkpoint_resumes_training_exactly(tmp_path: Path) -> None:
+    from auxlab.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "dtg.pt"
+    x, y, x_meta, y_meta = _batch(6)
+    first = _wrapper("implicit", lr=0.01, instance_weight=0.5, entropy_weight=0.2)
+    optimizer = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9)
+    first.step(x, y, optimizer, x_meta=x_meta, y_meta=y_meta)
+    save_checkpoint(path, first, optimizer=optimizer, step=1)
+    resumed = _wrapper("implicit", lr=0.01, instance_weight=0.5, entropy_weight=0.2)
+    with torch.no_grad():  # a different start, overwritten by the checkpoint
+        for p in resumed.parameters():
+            p.add_(1.0)
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    assert load_checkpoint(path, resumed, optimizer=resumed_optimizer) == {"step": 1}
+    for wrapper, opt in ((first, optimizer), (resumed, resumed_optimizer)):
+        wrapper.step(x, y, opt, x_meta=x_meta, y_meta=y_meta)
+    for (name, a), b in zip(first.state_dict().items(), resumed.state_dict().values()):
+        if isinstance(a, Tensor):
+            assert torch.equal(a, b), name
+
+
+def test_a_non_finite_batch_is_refused_before_anything_changes() -> None:
+    x, y, _, _ = _batch(7)
+    wrapper = _wrapper("implicit")
+    before = {k: v.clone() for k, v in wrapper.state_dict().items() if isinstance(v, Tensor)}
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        wrapper.step(bad, y, torch.optim.SGD(wrapper.parameters(), lr=0.1))
+    assert all(torch.equal(before[k], v) for k, v in wrapper.state_dict().items() if isinstance(v, Tensor))
+    assert wrapper.steps == {"model": 0, "meta": 0}

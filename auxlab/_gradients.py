@@ -29,6 +29,13 @@ def combined_gradients(
     return combined
 
 
+def named_dot(a: Mapping[str, Tensor | None], b: Mapping[str, Tensor]) -> Tensor:
+    """``sum_name <a[name], b[name]>`` over the names of ``a`` whose entry is not None (a 0-d tensor like ``b``'s
+    entries; 0 if none is), keeping ``a``'s and ``b``'s graphs."""
+    start = next(iter(b.values())).new_zeros(())
+    return sum(((t * b[name]).sum() for name, t in a.items() if t is not None), start)
+
+
 def detached(scales: Mapping[str, Scale]) -> dict[str, Scale]:
     """``scales`` without their graph (a meta-learned weighting's are differentiable)."""
     return {name: scale.detach() if isinstance(scale, Tensor) else scale for name, scale in scales.items()}

@@ -36,7 +36,7 @@ from torch.func import functional_call
 from torch.profiler import record_function
 
 from auxlab._checks import check_integer, check_number
-from auxlab._gradients import attach_gradient, global_norm
+from auxlab._gradients import attach_gradient, global_norm, named_dot
 from auxlab.distributed import LocalReducer
 from auxlab.losses import classification_loss, model_step_losses, soft_target_coefficients
 from auxlab.multitask import MultiTaskNet, buffer_copies
@@ -45,7 +45,7 @@ from auxlab.scaling import LossScaling
 __all__ = [
     "ENGINES", "FINITE_DIFFERENCE_SCALE", "Engine", "FirstOrderPass", "GradientField", "GradientsAtTheta", "ImplicitEngine", "LinearisedEngine", "MetaProblem", "SharedStep",
     "conjugate_gradient_direction", "first_order_pass", "get_engine", "gradient_at_theta", "gradients_at_theta", "hessian_operator",
-    "linearised_step", "meta_gradient", "meta_loss_after", "neumann_direction", "one_step", "separate_gradients", "training_gradient", "virtual_step",
+    "linearised_step", "loss_terms_at", "meta_gradient", "meta_loss_after", "neumann_direction", "one_step", "separate_gradients", "training_gradient", "virtual_step",
 ]
 
 #: ``eps * ||u||`` of the finite-difference engine (DARTS's choice).
@@ -258,10 +258,8 @@ GradientField = Callable[[MetaProblem, dict[str, Tensor]], Sequence[Tensor | Non
 def training_gradient(problem: MetaProblem, leaves: dict[str, Tensor]) -> Sequence[Tensor | None]:
     """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at ``leaves`` (the others at theta), the targets held
     fixed, with its graph: the field whose Jacobian is the training loss's Hessian."""
-    every = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
-    primary, aux = functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
-    inner = problem.inner_loss(primary, aux, problem.targets.detach())
-    return torch.autograd.grad(inner, list(leaves.values()), create_graph=True, allow_unused=True)
+    _, primary_loss, aux_loss, _, _ = loss_terms_at(problem, leaves)
+    return torch.autograd.grad(primary_loss + problem.aux_weight * aux_loss, list(leaves.values()), create_graph=True, allow_unused=True)
 
 
 def one_step(problem: MetaProblem, params: dict[str, Tensor], u: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
@@ -396,10 +394,12 @@ class GradientsAtTheta(NamedTuple):
     buffers: dict[str, Tensor]
 
 
-def _losses_at_theta(problem: MetaProblem) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
-    """``(primary logits, L_pri, L_aux, parameters, buffers)`` on ``(x, y)`` at theta, with the graph
-    to every trainable parameter; the forward pass runs on buffer copies, returned updated."""
+def loss_terms_at(problem: MetaProblem, leaves: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """``(primary logits, L_pri, L_aux, parameters, buffers)`` on ``(x, y)`` at theta, or with ``leaves`` (by
+    name) in place of those parameters, the targets held fixed, with the graph to every parameter used; the
+    forward pass runs on buffer copies, returned updated."""
     every: dict[str, Tensor] = {name: p for name, p in problem.net.named_parameters() if p.requires_grad}
+    every.update(leaves or {})
     buffers = problem.buffer_copies()
     primary, aux = functional_call(problem.net, (every, buffers), (problem.x,))
     primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
@@ -410,7 +410,7 @@ def gradients_at_theta(problem: MetaProblem) -> GradientsAtTheta:
     """The gradients of ``L_pri`` and of ``L_aux`` on ``(x, y)`` at theta, apart (two backward passes,
     through ``problem.scaling``)."""
     with torch.enable_grad():
-        primary, primary_loss, aux_loss, every, buffers = _losses_at_theta(problem)
+        primary, primary_loss, aux_loss, every, buffers = loss_terms_at(problem)
         g_pri, g_aux = separate_gradients(primary_loss, aux_loss, every, problem.scaling)
     return GradientsAtTheta(primary.detach(), primary_loss.detach(), aux_loss.detach(), g_pri, g_aux, buffers)
 
@@ -430,7 +430,7 @@ def gradient_at_theta(problem: MetaProblem) -> dict[str, Tensor | None]:
     """``grad (L_pri + aux_weight * L_aux)`` on ``(x, y)`` at theta by parameter name, in one backward
     pass (through ``problem.scaling``)."""
     with torch.enable_grad():
-        _, primary_loss, aux_loss, every, _ = _losses_at_theta(problem)
+        _, primary_loss, aux_loss, every, _ = loss_terms_at(problem)
         grads = problem.scaling.grad(primary_loss + problem.aux_weight * aux_loss, list(every.values()), label="auxlab.gradient.model")
     return dict(zip(every, grads))
 
@@ -494,17 +494,13 @@ def hessian_operator(problem: MetaProblem, params: dict[str, Tensor], field: Gra
     grads = field(problem, leaves)
 
     def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        dot = sum(((g * v[name]).sum() for name, g in zip(leaves, grads) if g is not None), problem.x.new_zeros((), dtype=next(iter(v.values())).dtype))
+        dot = named_dot(dict(zip(leaves, grads)), v)
         if not dot.requires_grad:  # no parameter of the virtual step reaches the loss
             return {name: torch.zeros_like(t) for name, t in v.items()}
         hessian_term = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True, allow_unused=True)
         return {name: torch.zeros_like(v[name]) if h is None else h.detach() for name, h in zip(leaves, hessian_term)}
 
     return product
-
-
-def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    return cast(Tensor, sum((a[name] * b[name]).sum() for name in a))
 
 
 def neumann_direction(
@@ -550,19 +546,19 @@ def conjugate_gradient_direction(
         hessian = hessian_operator(problem, params, field)
         product = hessian(p)
         residual = {name: v[name] - product[name] for name in v}
-        search, rr = dict(residual), _dot(residual, residual)
-        tolerance = float(_dot(v, v)) * torch.finfo(rr.dtype).eps  # squared: ||r|| <= sqrt(eps) * ||v||
+        search, rr = dict(residual), named_dot(residual, residual)
+        tolerance = float(named_dot(v, v)) * torch.finfo(rr.dtype).eps  # squared: ||r|| <= sqrt(eps) * ||v||
         for _ in range(iterations):
             if float(rr) <= tolerance:
                 break
             product = hessian(search)
-            curvature = _dot(search, product)
+            curvature = named_dot(search, product)
             if float(curvature) <= 0.0:
                 break
             alpha = rr / curvature
             p = {name: p[name] + alpha * search[name] for name in p}
             residual = {name: residual[name] - alpha * product[name] for name in residual}
-            rr_next = _dot(residual, residual)
+            rr_next = named_dot(residual, residual)
             search = {name: residual[name] + (rr_next / rr) * search[name] for name in search}
             rr = rr_next
     return p

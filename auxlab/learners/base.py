@@ -16,7 +16,7 @@ from auxlab.multitask import commit_buffers
 if TYPE_CHECKING:
     from auxlab.context import Batch, StepContext
 
-__all__ = ["MetaLearner", "MetaUpdate", "ModelStep", "OptimizerFactory"]
+__all__ = ["MetaLearner", "MetaUpdate", "ModelStep", "OptimizerFactory", "adam_optimizer"]
 
 #: ``params -> torch.optim.Optimizer``: how the wrapper's ``generator_optimizer`` and ``weighting_optimizer`` are given.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -53,6 +53,12 @@ class ModelStep:
     loss: Tensor
     grads: Mapping[str, Tensor | None] | None
     buffers: Mapping[str, Tensor]
+
+
+def adam_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam, lr 1e-3: the default of the learners whose gradient is small and of no fixed scale (the
+    one-step hypergradient is proportional to ``inner_lr``); Adam's step does not depend on it."""
+    return torch.optim.Adam(params, lr=1e-3)
 
 
 class MetaLearner:

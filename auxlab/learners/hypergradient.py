@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from auxlab.engines import ENGINES
-from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep
+from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep, adam_optimizer
 from auxlab.losses import negative_entropy
 from auxlab.multitask import call_on_buffer_copies
 
@@ -99,7 +98,4 @@ class ScaleFreeHypergradientLearner(HypergradientLearner):
     Adam's step does not depend on the gradient's scale. The balanced generators use it.
     """
 
-    @staticmethod
-    def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """Adam, lr 1e-3."""
-        return torch.optim.Adam(params, lr=1e-3)
+    default_optimizer = staticmethod(adam_optimizer)

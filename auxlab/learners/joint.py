@@ -3,15 +3,14 @@ through the auxiliary loss's dependence on both."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
+from auxlab._gradients import named_dot
 from auxlab.engines import ENGINES, FirstOrderPass, LinearisedEngine, MetaProblem, first_order_pass
-from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep
+from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep, adam_optimizer
 from auxlab.losses import negative_entropy
 from auxlab.multitask import call_on_buffer_copies
 
@@ -45,10 +44,7 @@ class JointHypergradientLearner(MetaLearner):
     why_not_distributed = " (the mixed second derivative is not averaged over the ranks)"
     loss_scaling = False
 
-    @staticmethod
-    def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """Adam, lr 1e-3: the one-step hypergradient is proportional to ``inner_lr`` and small."""
-        return torch.optim.Adam(params, lr=1e-3)
+    default_optimizer = staticmethod(adam_optimizer)
 
     def check(self, ctx: StepContext) -> None:
         """Also refuse an engine without a horizon to take (``"functional"``, ``"higher"``)."""
@@ -62,18 +58,12 @@ class JointHypergradientLearner(MetaLearner):
 
     def update(self, ctx: StepContext, batch: Batch) -> MetaUpdate | None:
         features = ctx.generator_input(batch.x)
-        with torch.no_grad():
-            targets = self._generator(ctx)(features, batch.y)
-        problem = ctx.problem(batch, targets)
-        return self._update(ctx, batch, problem, first_order_pass(problem), features)
+        return self._update(ctx, batch, *self._first_order(ctx, batch, features), features)
 
     def fused_step(self, ctx: StepContext, batch: Batch) -> tuple[ModelStep, MetaUpdate | None] | None:
         (primary, aux, features), net_buffers = call_on_buffer_copies(ctx.net, batch.x, with_features=True)
         features = features.detach()
-        with torch.no_grad():
-            targets = self._generator(ctx)(features, batch.y)
-        problem = ctx.problem(batch, targets)
-        first = first_order_pass(problem, at_theta=(primary, aux, net_buffers))
+        problem, first = self._first_order(ctx, batch, features, at_theta=(primary, aux, net_buffers))
         ctx.check_primary(first.primary, batch.x)
         loss = first.primary_loss + ctx.aux_weight * first.aux_loss
         finite = ctx.guard.check("model", loss, **{"primary loss": first.primary_loss, "auxiliary loss": first.aux_loss})
@@ -84,10 +74,16 @@ class JointHypergradientLearner(MetaLearner):
         """``"primary"`` (value: the primary loss after the virtual step; gradient: the hypergradient), ``"entropy"``
         and ``"instance"``, each weighted, differentiable with respect to the generator (for diagnostics)."""
         features = ctx.generator_input(batch.x)
+        return self._terms(ctx, batch, *self._first_order(ctx, batch, features), features)
+
+    def _first_order(
+        self, ctx: StepContext, batch: Batch, features: Tensor, at_theta: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None
+    ) -> tuple[MetaProblem, FirstOrderPass]:
+        """The meta problem with the generator's targets held fixed, and its :func:`~auxlab.engines.first_order_pass`."""
         with torch.no_grad():
             targets = self._generator(ctx)(features, batch.y)
         problem = ctx.problem(batch, targets)
-        return self._terms(ctx, batch, problem, first_order_pass(problem), features)
+        return problem, first_order_pass(problem, at_theta=at_theta)
 
     def _update(self, ctx: StepContext, batch: Batch, problem: MetaProblem, first: FirstOrderPass, features: Tensor) -> MetaUpdate | None:
         terms = self._terms(ctx, batch, problem, first, features)
@@ -100,13 +96,11 @@ class JointHypergradientLearner(MetaLearner):
         p, scale = cast(LinearisedEngine, ctx.engine).direction(problem, first.params, first.u)
         with torch.enable_grad():
             targets = generator(features, batch.y)  # differentiable with respect to phi
-            every: dict[str, Tensor] = {name: q for name, q in ctx.net.named_parameters() if q.requires_grad}
-            primary, aux = functional_call(ctx.net, (every, problem.buffer_copies()), (batch.x,), {"aux_input_grad": True})
+            (primary, aux), _ = call_on_buffer_copies(ctx.net, batch.x, aux_input_grad=True)
             _, aux_loss = problem.loss_terms(primary, aux, targets)
             virtual = problem.parameters()
             g_aux = torch.autograd.grad(aux_loss, list(virtual.values()), create_graph=True, allow_unused=True)
-            mixed = sum(((g * p[name]).sum() for name, g in zip(virtual, g_aux) if g is not None), aux_loss.new_zeros(()))
-            hyper = -scale * ctx.aux_weight * mixed
+            hyper = -scale * ctx.aux_weight * named_dot(dict(zip(virtual, g_aux)), p)
             return {
                 "primary": first.meta_loss + (hyper - hyper.detach()),
                 "entropy": ctx.entropy_weight * negative_entropy(targets.mean(dim=0)),

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from auxlab._gradients import Scale, combined_gradients, detached
+from auxlab._gradients import Scale, combined_gradients, detached, named_dot
 from auxlab.engines import (
     GradientsAtTheta,
     ImplicitEngine,
     MetaProblem,
     gradients_at_theta,
+    loss_terms_at,
     meta_gradient,
     meta_loss_after,
     virtual_step,
 )
-from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep
+from auxlab.learners.base import MetaLearner, MetaUpdate, ModelStep, adam_optimizer
 
 if TYPE_CHECKING:
     from auxlab.context import Batch, StepContext
@@ -49,10 +50,7 @@ class GradientScaleLearner(MetaLearner):
     reweighting = True
     held_out_meta_batch = True
 
-    @staticmethod
-    def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """Adam, lr 1e-3."""
-        return torch.optim.Adam(params, lr=1e-3)
+    default_optimizer = staticmethod(adam_optimizer)
 
     def check(self, ctx: StepContext) -> None:
         """Also refuse conjugate gradient, which needs a symmetric Jacobian, and a loss scaler with the implicit engine."""
@@ -113,14 +111,12 @@ class GradientScaleLearner(MetaLearner):
 
         def reweighted(problem: MetaProblem, leaves: dict[str, Tensor]) -> list[Tensor | None]:
             """``g_pri + aux_weight * scale * g_aux`` at ``leaves``, the scales held fixed, with its graph."""
-            every = {name: q for name, q in problem.net.named_parameters() if q.requires_grad}
-            primary, aux = torch.func.functional_call(problem.net, ({**every, **leaves}, problem.buffer_copies()), (problem.x,))
-            primary_loss, aux_loss = problem.loss_terms(primary, aux, problem.targets.detach())
+            _, primary_loss, aux_loss, _, _ = loss_terms_at(problem, leaves)
             g_pri = torch.autograd.grad(primary_loss, list(leaves.values()), create_graph=True, retain_graph=True, allow_unused=True)
             g_aux = torch.autograd.grad(aux_loss, list(leaves.values()), create_graph=True, allow_unused=True)
             return list(combined_gradients(dict(zip(leaves, g_pri)), dict(zip(leaves, g_aux)), problem.aux_weight, fixed, leaves).values())
 
         p, scale = ctx.engine.direction(problem, params, u, field=reweighted)
-        hyper = -scale * sum(((g * p[name]).sum() for name, g in step.items()), meta_loss.new_zeros(()))
+        hyper = -scale * named_dot(step, p)
         surrogate = meta_loss + (hyper - hyper.detach())  # value: the primary loss at theta'; gradient: the implicit one
         return self.gradient(ctx, surrogate, {"primary loss at theta'": surrogate})

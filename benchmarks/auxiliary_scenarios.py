@@ -21,6 +21,7 @@ A row is ``LABEL=RUN/STRATEGY`` (both scenarios) or ``LABEL=RUN/STRATEGY|RUN/STR
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import shlex
 import statistics
@@ -28,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.label_learning import final_epochs, mean_se, records
 
@@ -78,9 +80,15 @@ def step_cost(path: Path, variant: str) -> str:
     raise ValueError(f"{path}: no step-cost row {variant!r}")
 
 
+@functools.cache
+def _final_epochs(folder: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """The last epoch's record of each (strategy, seed) of a runner folder, read once however many cells name it."""
+    return final_epochs(records(folder))
+
+
 def accuracies(root: Path, run: str, strategy: str) -> list[float]:
     """Final test accuracy (%) of every seed of ``strategy`` in the runner folder ``root / run``."""
-    final = final_epochs(records(root / run))
+    final = _final_epochs(root / run)
     found = [100 * record["test_acc"] for (name, _), record in sorted(final.items()) if name == strategy]
     if not found:
         raise ValueError(f"{root / run}: no finished seed of strategy {strategy!r}")

@@ -5,8 +5,8 @@
 - :func:`total_variation`: how far two runs' labels are apart; against the same run with the primary
   hypergradient switched off (its *control*), it says whether the primary task shaped the labels;
 - :func:`parameter_movement`: how far the generator moved from where it started;
-- :func:`hypergradient_parts`: the norms of the meta objective's primary and entropy gradients and
-  their cosine (MAXL: which term drives the generator).
+- :func:`hypergradient_parts`: the norms of the meta objective's primary and regulariser gradients
+  and their cosine (MAXL: whether the primary task or the entropy term drives the generator).
 
 Each takes plain tensors or a wrapper and changes nothing.
 """
@@ -131,22 +131,27 @@ def parameter_movement(module: nn.Module, initial: Mapping[str, Tensor]) -> floa
 def hypergradient_parts(
     wrapper: MetaAuxWrapper, x: Tensor, y: Tensor, x_meta: Tensor | None = None, y_meta: Tensor | None = None, *, index: Tensor | None = None
 ) -> dict[str, float]:
-    """The gradients of the meta objective's terms for the learner's parameters, apart (MAXL: the
-    primary loss after the virtual step and the entropy regulariser times ``entropy_weight``).
+    """The gradients of the meta objective's terms for the learner's parameters, apart: the primary
+    loss after the virtual step against the regularisers (MAXL: the entropy term times
+    ``entropy_weight``; DTG-AuxL: that and its instance term).
 
-    Returns ``{"primary_norm", "entropy_norm", "cosine"}`` (cosine 0 when a norm is 0). Nothing
-    changes: no parameter, statistic, ``.grad`` or counter.
+    Returns ``{"primary_norm", "<term>_norm" for every other term, "cosine"}``: the norm of each
+    term's gradient, and the cosine of the primary gradient with the sum of the others' (MAXL's:
+    with the entropy term's; 0 when a norm is 0). Nothing changes: no parameter, statistic, ``.grad``
+    or counter.
 
     Raises:
-        ValueError: if nothing learns, or the learner's objective is not of a primary and an entropy
-            term (:meth:`~auxlab.learners.base.MetaLearner.terms`).
+        ValueError: if nothing learns, or the learner's objective is not a primary term and at least
+            one other (:meth:`~auxlab.learners.base.MetaLearner.terms`).
     """
     learner = wrapper.meta_learner
     terms = {} if learner is None else learner.terms(wrapper._context(), wrapper._batch("hypergradient_parts", x, y, index, x_meta, y_meta))
-    if learner is None or set(terms) != {"primary", "entropy"}:
-        raise ValueError(f"hypergradient_parts needs a learner whose objective is a primary and an entropy term, as MAXL's; got {type(learner).__name__}")
+    if learner is None or "primary" not in terms or len(terms) < 2:
+        raise ValueError(f"hypergradient_parts needs a learner whose objective is a primary term and a regulariser, as MAXL's; got {type(learner).__name__}")
     grads = {name: torch.autograd.grad(term, learner.params, retain_graph=True, allow_unused=True) for name, term in terms.items()}
     flat = {name: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, learner.params)]) for name, gs in grads.items()}
-    norms = {name: float(torch.linalg.vector_norm(v)) for name, v in flat.items()}
-    cosine = float(flat["primary"] @ flat["entropy"]) / (norms["primary"] * norms["entropy"]) if norms["primary"] * norms["entropy"] > 0 else 0.0
-    return {"primary_norm": norms["primary"], "entropy_norm": norms["entropy"], "cosine": cosine}
+    primary = flat.pop("primary")
+    others = torch.stack(list(flat.values())).sum(dim=0)
+    scale = float(torch.linalg.vector_norm(primary)) * float(torch.linalg.vector_norm(others))
+    parts = {"primary_norm": float(torch.linalg.vector_norm(primary))} | {f"{name}_norm": float(torch.linalg.vector_norm(v)) for name, v in flat.items()}
+    return parts | {"cosine": float(primary @ others) / scale if scale > 0 else 0.0}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import TinyCNN, image_batch, snapshot
+from helpers import TinyCNN, TinyMLP, image_batch, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from sklearn.metrics import normalized_mutual_info_score
@@ -90,9 +90,37 @@ def test_hypergradient_parts_splits_maxls_objective_and_changes_nothing(generato
     assert float(total) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize(("entropy_weight", "instance_weight"), [(0.2, 0.0), (0.0, 0.5)])
+def test_hypergradient_parts_of_dtgs_three_terms_add_up_to_its_meta_gradient(entropy_weight: float, instance_weight: float) -> None:
+    def wrapper_with(**optimizer: object) -> MetaAuxWrapper:
+        torch.manual_seed(0)
+        wrapper = MetaAuxWrapper(TinyMLP().double(), num_classes=3, psi=2, generator="dtg", engine="implicit", inner_lr=0.3,
+                                 entropy_weight=entropy_weight, generator_kwargs={"instance_weight": instance_weight}, **optimizer)  # type: ignore[arg-type]
+        assert wrapper.generator is not None
+        with torch.no_grad():  # off the feature generator's zero start, so that the instance term has a gradient
+            for p in wrapper.generator.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return wrapper
+
+    wrapper = wrapper_with()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 6, generator=g, dtype=torch.float64), torch.arange(9) % 3
+    parts = hypergradient_parts(wrapper, x, y)
+    assert set(parts) == {"primary_norm", "entropy_norm", "instance_norm", "cosine"} and parts["primary_norm"] > 0
+    regulariser = parts["entropy_norm"] + parts["instance_norm"]  # one of the two is 0 here
+    assert regulariser > 0 and min(parts["entropy_norm"], parts["instance_norm"]) == 0.0
+    # the parts add up to the learner's own meta gradient, left in .grad by an optimizer of lr 0
+    reference = wrapper_with(generator_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    reference.meta_step(x, y)
+    assert reference.generator is not None
+    total = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in reference.generator.parameters() if p.grad is not None]))
+    expected = math.sqrt(parts["primary_norm"] ** 2 + regulariser**2 + 2 * parts["cosine"] * parts["primary_norm"] * regulariser)
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+
+
 def test_hypergradient_parts_needs_maxls_objective() -> None:
     x, y = image_batch(8)
     for generator in ("random", "rl"):
         wrapper = MetaAuxWrapper(TinyCNN(), num_classes=10, psi=3, generator=generator, generator_kwargs={"num_samples": 8} if generator == "random" else None)
-        with pytest.raises(ValueError, match="needs a learner whose objective is a primary and an entropy term"):
+        with pytest.raises(ValueError, match="needs a learner whose objective is a primary term and a regulariser"):
             hypergradient_parts(wrapper, x, y, index=torch.arange(8))

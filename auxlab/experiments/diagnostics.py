@@ -124,8 +124,9 @@ def learning_diagnostics(
 ) -> dict[str, float | None]:
     """How the meta learner moves: ``generator_movement``, the relative distance of its parameters from
     ``initial`` (:func:`auxlab.diagnostics.parameter_movement`), and, for a learner whose objective is a
-    primary and an entropy term (MAXL's), the norms of their gradients and their cosine on the first
-    probe samples (:func:`auxlab.diagnostics.hypergradient_parts`). None where they do not apply."""
+    primary term and an entropy regulariser (MAXL's, DTG-AuxL's), the norms of their gradients and the
+    cosine of the primary one with the regularisers' on the first probe samples
+    (:func:`auxlab.diagnostics.hypergradient_parts`). None where they do not apply."""
     values: dict[str, float | None] = dict.fromkeys(LEARNING_DIAGNOSTICS)
     learner = wrapper.meta_learner
     if learner is None:
@@ -135,9 +136,9 @@ def learning_diagnostics(
     x, y = data.train.images[index].to(device), data.train.labels[index].to(device)
     try:
         parts = hypergradient_parts(wrapper, x, y, index=index.to(device))
-    except ValueError:  # a learner whose objective is not MAXL's two terms (REINFORCE, module weights)
+    except ValueError:  # a learner with no primary and regulariser terms (REINFORCE, module weights)
         return values
-    values.update(meta_primary_norm=parts["primary_norm"], meta_entropy_norm=parts["entropy_norm"], meta_cosine=parts["cosine"])
+    values.update(meta_primary_norm=parts["primary_norm"], meta_entropy_norm=parts.get("entropy_norm"), meta_cosine=parts["cosine"])
     return values
 
 

@@ -332,3 +332,24 @@ def test_hypergradient_equivalence_of_a_checkout_with_itself_is_exact() -> None:
     shifted = {name: {k: v + 1e-3 for k, v in tensors.items()} for name, tensors in results.items()}
     # (maoal keeps its module weights in float32: 1e-3 is added with float32 rounding there)
     assert all(difference == pytest.approx(1e-3, rel=1e-4) for _, _, difference, _ in hypergradient_equivalence.compare(shifted, results))
+
+
+@pytest.mark.parametrize(("generator", "optimizer"), [("maxl", "sgd"), ("maxl-light-balanced", "adam")])
+def test_hypergradient_balance_measures_each_term_without_changing_the_training(generator: str, optimizer: str) -> None:
+    from auxlab.datasets import ImageDataset
+    from benchmarks import hypergradient_balance
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.rand(128, 1, 28, 28, generator=g), torch.arange(128) % 10, tuple("abcdefghij"))
+    rows = hypergradient_balance.balance_rows(data, steps=4, every=2, generator=generator, generator_optimizer=optimizer)
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(r["primary_norm"] > 0 and -1.0 <= r["cosine"] <= 1.0 and 0.2 <= r["confidence"] <= 1.0 for r in rows)
+    if generator.endswith("balanced"):  # the balance leaves the entropy term nothing to push
+        assert all(r["entropy_norm"] < 1e-6 * r["primary_norm"] for r in rows)
+    else:  # MAXL's known imbalance at the start (MAXL_NOTES)
+        assert rows[0]["entropy_norm"] > rows[0]["primary_norm"]
+    table = hypergradient_balance.markdown(rows)
+    assert table.count("\n") == 1 + len(rows) and "| cosine |" in table
+    # the measurement changes nothing: the same run measured at steps 0 and 4 only ends the same at step 4
+    again = hypergradient_balance.balance_rows(data, steps=4, every=4, generator=generator, generator_optimizer=optimizer)
+    assert again[-1] == rows[-1]

@@ -16,18 +16,17 @@ from __future__ import annotations
 import copy
 import io
 import os
-import random
 import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from auxlab._build import check_loadable
+from auxlab._seeding import random_states, set_random_states
 from auxlab.wrapper import MetaAuxWrapper
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
@@ -85,7 +84,7 @@ def save_checkpoint(
         "optimizer_class": _class_name(optimizer),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scheduler_class": _class_name(scheduler),
-        "rng": _random_states(),
+        "rng": random_states(),
         "counters": dict(counters),
     }
     target = Path(path)
@@ -152,7 +151,7 @@ def load_checkpoint(
             part.load_state_dict(saved)
         raise
     if restore_rng:
-        _set_random_states(state["rng"])
+        set_random_states(state["rng"])
     return dict(state["counters"])
 
 
@@ -235,31 +234,6 @@ def _remove_stale_temporaries(target: Path) -> None:
             pass  # locked: a live save is writing it
         finally:
             os.close(descriptor)
-
-
-def _random_states() -> dict[str, Any]:
-    version, mt_state, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-    }
-
-
-def _set_random_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    numpy_state = states["numpy"]
-    np.random.set_state((
-        numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
-    ))
-    python_state = states["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
 
 
 def _fsync_directory(directory: Path) -> None:

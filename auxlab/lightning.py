@@ -29,7 +29,7 @@ except ImportError as error:  # pragma: no cover - exercised in a process withou
     ) from error
 
 from auxlab._checks import check_integer, check_number
-from auxlab.checkpoint import _random_states, _set_random_states
+from auxlab._seeding import random_states, set_random_states
 from auxlab.diagnostics import label_statistics
 from auxlab.learners.base import OptimizerFactory
 from auxlab.wrapper import MetaAuxWrapper
@@ -236,7 +236,7 @@ class MetaAuxModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the torch, NumPy and Python random states (the wrapper's own state is in ``checkpoint["state_dict"]``)."""
-        checkpoint[CHECKPOINT_KEY] = {"rng": _random_states()}
+        checkpoint[CHECKPOINT_KEY] = {"rng": random_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the wrapper's part of ``checkpoint["state_dict"]`` through its own checks (a ValueError, with nothing
@@ -246,7 +246,7 @@ class MetaAuxModule(pl.LightningModule):
         self.wrapper.load_state_dict({key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)})
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            _set_random_states(saved["rng"])
+            set_random_states(saved["rng"])
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y, _ = self.split_batch(batch)

@@ -150,8 +150,8 @@ def hypergradient_parts(
         raise ValueError(f"hypergradient_parts needs a learner whose objective is a primary term and a regulariser, as MAXL's; got {type(learner).__name__}")
     grads = {name: torch.autograd.grad(term, learner.params, retain_graph=True, allow_unused=True) for name, term in terms.items()}
     flat = {name: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, learner.params)]) for name, gs in grads.items()}
+    norms = {f"{name}_norm": float(torch.linalg.vector_norm(v)) for name, v in flat.items()}
     primary = flat.pop("primary")
-    others = torch.stack(list(flat.values())).sum(dim=0)
-    scale = float(torch.linalg.vector_norm(primary)) * float(torch.linalg.vector_norm(others))
-    parts = {"primary_norm": float(torch.linalg.vector_norm(primary))} | {f"{name}_norm": float(torch.linalg.vector_norm(v)) for name, v in flat.items()}
-    return parts | {"cosine": float(primary @ others) / scale if scale > 0 else 0.0}
+    regularisers = torch.stack(list(flat.values())).sum(dim=0)
+    scale = norms["primary_norm"] * float(torch.linalg.vector_norm(regularisers))
+    return norms | {"cosine": float(primary @ regularisers) / scale if scale > 0 else 0.0}

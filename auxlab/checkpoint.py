@@ -90,13 +90,17 @@ def save_checkpoint(
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"the directory of path={str(path)!r} does not exist; create it first")
+    # serialised before the temporary file exists, so that the file is empty only for the instant between its
+    # creation and its first write: an empty unlocked one is then almost surely a killed writer's
+    payload = io.BytesIO()
+    torch.save(state, payload)
     _remove_stale_temporaries(target)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file is closed, after its rename
         with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+            file.write(payload.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, target)
